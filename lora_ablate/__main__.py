@@ -1,0 +1,3 @@
+from lora_ablate.cli import main
+
+raise SystemExit(main())

