@@ -1,0 +1,185 @@
+"""Statistics for published results: pure functions on arrays, no MLflow, no plotting.
+
+Two questions are answered here:
+
+* how precisely a configuration's score is known from its seeds: :func:`summarize` (mean, sample
+  standard deviation, Student-t 95% confidence interval of the mean);
+* whether two configurations differ: :func:`paired_bootstrap` over per-example scores and seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _sps
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean over seeds with its spread; ``std`` and the interval are NaN when ``n < 2``: one seed says
+    nothing about seed variance, and a made-up interval would read as precision we do not have."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def has_interval(self) -> bool:
+        return self.n >= 2 and math.isfinite(self.ci_low)
+
+
+def summarize(values, confidence: float = 0.95) -> Summary:
+    """Mean, sample std (ddof=1) and the t-based CI ``mean ± t_{(1+c)/2, n-1} · std / sqrt(n)``.
+
+    NaN entries are missing values (a trial that did not log the metric) and are dropped; infinities
+    are kept, since a diverged run is a result, not a gap.
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    n = int(x.size)
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n == 1:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    std = float(x.std(ddof=1))
+    half = float(_sps.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Result of :func:`paired_bootstrap`; ``delta`` is ``mean(b) - mean(a)``."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_seeds: int
+    n_examples: int
+    n_boot: int
+    seed: int
+    confidence: float
+
+    @property
+    def p_floor(self) -> float:
+        """The smallest p-value ``n_boot`` replicates can resolve; p = 0 means "below this"."""
+        return 1.0 / self.n_boot
+
+
+def bootstrap_indices(n_seeds: int, n_examples: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resampling plan, drawn from ``numpy.random.default_rng(seed)`` in this exact order:
+    first all seed rows ``integers(0, n_seeds, (n_boot, n_seeds))``, then all example columns
+    ``integers(0, n_examples, (n_boot, n_examples))``. Fixed so that a result can be reproduced by
+    hand (and is, in the tests)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    cols = rng.integers(0, n_examples, size=(n_boot, n_examples))
+    return rows, cols
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """Per replicate, how often each index was drawn: ``(B, k)`` indices -> ``(B, n)`` counts."""
+    b = idx.shape[0]
+    flat = (np.arange(b)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
+
+
+def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, confidence: float = 0.95,
+                     chunk: int = 1000) -> Bootstrap:
+    """Paired bootstrap of ``mean(b) - mean(a)`` over seeds and examples.
+
+    ``a`` and ``b`` are ``(n_seeds, n_examples)`` score matrices (1-D means one seed) whose cell
+    ``[s, i]`` is the score of seed ``s`` on example ``i``: the same seed and example on both sides,
+    so pairing removes the example difficulty and the seed's data order from the difference.
+
+    Each replicate resamples seed rows and example columns with replacement (a two-way bootstrap:
+    the examples are the same for every seed, so they are crossed with seeds, not nested in them)
+    and takes the mean of the differences ``d = b - a`` over the resampled rows x columns. With one
+    seed the row draw is a no-op and this is the ordinary paired bootstrap over examples.
+
+    * CI: percentiles ``(1-c)/2`` and ``(1+c)/2`` of the replicate deltas (numpy's default linear
+      interpolation).
+    * p-value, two-sided: ``min(1, 2 · min(P*(delta* <= 0), P*(delta* >= 0)))`` where P* is the
+      share of replicates. Ties at exactly 0 count on both sides, which is conservative for scores
+      like exact match whose differences are often exactly 0. Identical inputs give p = 1; a
+      difference no replicate crosses gives p = 0, to be read as ``p < 1/n_boot``.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=float))
+    b = np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need equal shapes, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("paired bootstrap needs at least one seed and one example")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired scores contain NaN or infinity")
+    d = b - a
+    n_seeds, n_examples = d.shape
+    rows, cols = bootstrap_indices(n_seeds, n_examples, n_boot, seed)
+    deltas = np.empty(n_boot)
+    # mean of d over the resampled grid = (row counts) · d · (column counts) / (n_seeds · n_examples);
+    # counting avoids materialising n_boot x n_seeds x n_examples gathered values.
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        cr, cc = _counts(rows[start:stop], n_seeds), _counts(cols[start:stop], n_examples)
+        deltas[start:stop] = ((cr @ d) * cc).sum(axis=1) / (n_seeds * n_examples)
+    lo, hi = np.percentile(deltas, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    p = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
+    return Bootstrap(float(d.mean()), float(lo), float(hi), p, n_seeds, n_examples, n_boot, seed, confidence)
+
+
+def param_importances(params: dict[str, list], values, direction: str = "minimize",
+                      seed: int = 0) -> tuple[dict[str, float], str]:
+    """fANOVA importances of ``params`` (name -> one value per complete trial) for ``values``.
+
+    Builds an in-memory Optuna study from the rows, so it works for any study read back from
+    tracking, whatever sampler produced it. Distributions are inferred from the values: strings are
+    categorical; integers and floats are numeric, on a log scale when all positive and spanning more
+    than a factor of 10 (ranks, learning rates); ``seed`` is categorical because seed 3 is not "more"
+    than seed 1. Returns ``(importances, note)``: empty importances and a reason when there is too
+    little to fit (fewer than 3 trials or fewer than 2 varying parameters, where the answer would
+    be trivially 1.0 for the one parameter).
+    """
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    y = np.asarray(values, dtype=float)
+    keep = np.isfinite(y)
+    # Optuna accepts only plain Python values as choices
+    varying = {k: [v.item() if isinstance(v, np.generic) else v for v, ok in zip(vs, keep) if ok]
+               for k, vs in params.items()}
+    varying = {k: vs for k, vs in varying.items() if len(set(vs)) > 1}
+    n = int(keep.sum())
+    if n < 3:
+        return {}, f"parameter importances need at least 3 complete trials with a value; found {n}"
+    if len(varying) < 2:
+        return {}, (f"parameter importances need at least 2 varying parameters; found "
+                    f"{', '.join(varying) or 'none'}")
+
+    def distribution(name, vs):
+        if name == "seed" or any(isinstance(v, str) for v in vs):
+            return CategoricalDistribution(sorted(set(vs), key=str))
+        lo, hi = min(vs), max(vs)
+        log = lo > 0 and hi / lo > 10
+        if all(float(v).is_integer() for v in vs) and not any(isinstance(v, float) for v in vs):
+            return IntDistribution(int(lo), int(hi), log=log)
+        return FloatDistribution(float(lo), float(hi), log=log)
+
+    dists = {k: distribution(k, vs) for k, vs in varying.items()}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" chatter on stderr
+    try:
+        study = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for i, value in enumerate(y[keep]):
+        trial_params = {k: (int(vs[i]) if isinstance(dists[k], IntDistribution) else vs[i])
+                        for k, vs in varying.items()}
+        study.add_trial(optuna.trial.create_trial(params=trial_params, distributions=dists, value=float(value)))
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {k: float(v) for k, v in importances.items()}, ""

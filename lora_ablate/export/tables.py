@@ -1,0 +1,308 @@
+"""Result tables: per-axis (marginal), per-configuration and two-axis pivots, rendered as Markdown,
+CSV, LaTeX and HTML.
+
+A :class:`Table` keeps two views of the same numbers: display cells for the human formats and a
+numeric frame for CSV, so nobody has to parse "0.412 ± 0.010" back into numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from lora_ablate.export.reader import Axis, Study, format_value
+from lora_ablate.export.stats import Summary, summarize
+
+METRIC_WORDS = {"nll": "NLL", "ppl": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
+STATE_WORDS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "unfinished"}
+MAX_LISTED_EXCLUSIONS = 10
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    caption: str
+    header: list[str]
+    cells: list[list[str]]
+    data: pd.DataFrame  # the numbers behind the cells, one column per quantity (CSV)
+    footnote: str = ""
+    bold: set = field(default_factory=set)  # (row, column) of best cells
+    align: list[str] = field(default_factory=list)  # "l" or "r" per column
+
+
+def metric_label(metric: str) -> str:
+    """``heldout_instances/exact_match`` -> ``heldout_instances exact match``."""
+    s, m = metric.split("/", 1)
+    return f"{s} {METRIC_WORDS.get(m, m)}"
+
+
+def fmt_num(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3f}"
+
+
+def fmt_summary(s: Summary) -> str:
+    """``mean ± std [lo, hi]``; one trial shows its value only (no spread to report)."""
+    if s.n == 0:
+        return "–"
+    if not s.has_interval:
+        return fmt_num(s.mean)
+    return f"{fmt_num(s.mean)} ± {fmt_num(s.std)} [{fmt_num(s.ci_low)}, {fmt_num(s.ci_high)}]"
+
+
+def fmt_params(lo, hi) -> str:
+    if pd.isna(lo):
+        return "–"
+    return f"{int(lo):,}" if lo == hi else f"{int(lo):,}–{int(hi):,}"
+
+
+def _best(means: list[float], direction: str) -> set[int]:
+    """Rows holding the best mean (all of them on a tie); none unless the means differ at all, since
+    marking every row of an all-zero exact-match column, or a lone row, claims a winner where there is
+    no contest."""
+    finite = [(i, m) for i, m in enumerate(means) if m is not None and not math.isnan(m)]
+    if len({m for _, m in finite}) < 2:
+        return set()
+    target = (min if direction == "minimize" else max)(m for _, m in finite)
+    return {i for i, m in finite if m == target}
+
+
+def summarize_groups(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> list[tuple[tuple, dict]]:
+    """``[(key, {"n", "params", "wall_s", metric: Summary})]`` per group of complete trials."""
+    groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
+    out = []
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = {"n": len(g),
+               "params": (g["trainable_params"].min(), g["trainable_params"].max())
+               if "trainable_params" in g else (np.nan, np.nan),
+               "wall_s": g["wall_s"].mean() if "wall_s" in g else np.nan}
+        for m in metrics:
+            col = f"final/{m}"
+            row[m] = summarize(g[col]) if col in g else summarize([])
+        out.append((key, row))
+    return out
+
+
+def _sorted(groups, axes: list[Axis]):
+    keys = [a.sort_key() for a in axes]
+    return sorted(groups, key=lambda kr: tuple(k(v) for k, v in zip(keys, kr[0])))
+
+
+def exclusions(study: Study) -> str:
+    """One footnote for every table: which trials are not in any mean, and why."""
+    t = study.trials
+    bad = t[t["state"] != "COMPLETE"]
+    if bad.empty:
+        return f"All {len(t)} trials completed; n counts the complete trials in each cell."
+    counts = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in bad["state"].value_counts().items())
+    names = [a.name for a in study.axes] + (["seed"] if "seed" in t else [])
+    listed = []
+    for _, r in bad.head(MAX_LISTED_EXCLUSIONS).iterrows():
+        desc = ", ".join(f"{k}={format_value(r[k])}" for k in names if k in r and not pd.isna(r[k]))
+        reason = f": {r['fail_reason']}" if r.get("fail_reason") else ""
+        number = "?" if pd.isna(r["trial_number"]) else int(r["trial_number"])
+        listed.append(f"trial {number} ({STATE_WORDS.get(r['state'], r['state'])}; {desc}{reason})")
+    more = f"; and {len(bad) - MAX_LISTED_EXCLUSIONS} more" if len(bad) > MAX_LISTED_EXCLUSIONS else ""
+    return (f"n counts the complete trials in each cell. Excluded from every mean: {counts} of {len(t)} "
+            f"trials — {'; '.join(listed)}{more}.")
+
+
+def _legend(study: Study, metrics: list[str]) -> str:
+    dirs = "; ".join(f"{metric_label(m)}: {'lower' if study.direction(m) == 'minimize' else 'higher'} is better"
+                     for m in metrics)
+    return (f"Cells: mean ± sample std [95% t-interval of the mean] over trials; a cell with one trial shows "
+            f"its value only. Bold: best mean per column ({dirs}).")
+
+
+def group_table(study: Study, frame: pd.DataFrame, axes: list[Axis], metrics: list[str], name: str,
+                title: str, caption: str) -> Table:
+    groups = _sorted(summarize_groups(frame, [a.column for a in axes], metrics), axes)
+    header = [a.label for a in axes] + ["n", "trainable params", "wall s (mean)"] + [metric_label(m) for m in metrics]
+    cells, data, bold = [], [], set()
+    for key, row in groups:
+        wall = "–" if pd.isna(row["wall_s"]) else f"{row['wall_s']:,.1f}"
+        cells.append([format_value(v) for v in key] + [str(row["n"]), fmt_params(*row["params"]), wall]
+                     + [fmt_summary(row[m]) for m in metrics])
+        rec = {a.column: v for a, v in zip(axes, key)}
+        rec.update({"n": row["n"], "trainable_params_min": row["params"][0],
+                    "trainable_params_max": row["params"][1], "wall_s_mean": row["wall_s"]})
+        for m in metrics:
+            s = row[m]
+            rec.update({f"{m} mean": s.mean, f"{m} std": s.std, f"{m} ci_low": s.ci_low,
+                        f"{m} ci_high": s.ci_high, f"{m} n": s.n})
+        data.append(rec)
+    best_of = {m: _best([row[m].mean for _, row in groups], study.direction(m)) for m in metrics}
+    first = len(axes) + 3
+    for j, m in enumerate(metrics):
+        bold |= {(i, first + j) for i in best_of[m]}
+    for i, rec in enumerate(data):
+        rec["best"] = ";".join(m for m in metrics if i in best_of[m])
+    return Table(name, title, f"{caption} {_legend(study, metrics)}", header, cells,
+                 pd.DataFrame(data), exclusions(study), bold, ["l"] * len(axes) + ["r"] * (3 + len(metrics)))
+
+
+def axis_tables(study: Study, metrics: list[str]) -> list[Table]:
+    frame, axes = study.complete, study.axes
+    tables = []
+    for axis in axes:
+        others = [a.label for a in axes if a is not axis]
+        pooled = (f"Marginal over {', '.join(others)}: each row pools every complete trial with that "
+                  f"{axis.label}, whatever the other axes, so n counts trials, not seeds of one configuration."
+                  if others else "Each row is one configuration over its seeds.")
+        if axis.binned:
+            pooled += f" {axis.label.capitalize()} was sampled; rows are log-scale bins."
+        tables.append(group_table(study, frame, [axis], metrics, f"axis_{stem(axis.name)}",
+                                  f"{study.name}: by {axis.label}", pooled))
+    return tables
+
+
+def config_table(study: Study, metrics: list[str]) -> Table:
+    # raw values, not bins: a configuration is what was trained
+    axes = [Axis(a.name, (), False) if a.binned else a for a in study.axes]
+    caption = ("Every configuration (all axes fixed) over its seeds." if axes
+               else "The study has a single configuration; the row is over its seeds.")
+    return group_table(study, study.complete, axes, metrics, "configurations",
+                       f"{study.name}: configurations", caption)
+
+
+def crossed(frame: pd.DataFrame, a: Axis, b: Axis) -> bool:
+    """Two axes were crossed when they co-occur in more combinations than either has values; nested
+    or confounded axes (each value of one with a single value of the other) are not pivoted."""
+    combos = frame[[a.column, b.column]].drop_duplicates()
+    return len(combos) > max(frame[a.column].nunique(), frame[b.column].nunique())
+
+
+def pivot_table(study: Study, rows: Axis, cols: Axis, metric: str) -> Table:
+    frame = study.complete
+    others = [a.label for a in study.axes if a not in (rows, cols)]
+    by = dict(summarize_groups(frame, [rows.column, cols.column], [metric]))
+    row_vals = sorted({k[0] for k in by}, key=rows.sort_key())
+    col_vals = sorted({k[1] for k in by}, key=cols.sort_key())
+    cells, data, means, where = [], [], [], []
+    for i, rv in enumerate(row_vals):
+        line = [format_value(rv)]
+        for j, cv in enumerate(col_vals):
+            hit = by.get((rv, cv))
+            if hit is None:
+                line.append("–")
+                continue
+            s = hit[metric]
+            line.append(f"{fmt_summary(s)} (n={s.n})")
+            data.append({rows.column: rv, cols.column: cv, "n": s.n, "mean": s.mean, "std": s.std,
+                         "ci_low": s.ci_low, "ci_high": s.ci_high})
+            means.append(s.mean)
+            where.append((i, j + 1))
+        cells.append(line)
+    best = _best(means, study.direction(metric))
+    for k, rec in enumerate(data):
+        rec["best"] = k in best
+    marginal = f" Marginal over {', '.join(others)}." if others else ""
+    caption = (f"{metric_label(metric)} by {rows.label} (rows) and {cols.label} (columns).{marginal} "
+               f"Cells: mean ± sample std [95% t-interval] over trials (n); one trial shows its value only. "
+               f"Bold: best ({'lower' if study.direction(metric) == 'minimize' else 'higher'} is better).")
+    return Table(f"pivot_{stem(rows.name)}_x_{stem(cols.name)}_{stem(metric)}",
+                 f"{study.name}: {metric_label(metric)}, {rows.label} × {cols.label}", caption,
+                 [f"{rows.label} \\ {cols.label}"] + [format_value(v) for v in col_vals], cells,
+                 pd.DataFrame(data), exclusions(study), {where[k] for k in best},
+                 ["l"] + ["r"] * len(col_vals))
+
+
+def pivot_tables(study: Study, metrics: list[str]) -> list[Table]:
+    frame = study.complete
+    out = []
+    for a, b in itertools.combinations(study.axes, 2):
+        if crossed(frame, a, b):
+            out += [pivot_table(study, a, b, m) for m in metrics]
+    return out
+
+
+def build_tables(study: Study, metrics: list[str]) -> list[Table]:
+    tables = axis_tables(study, metrics)
+    if len(study.axes) != 1:  # with one axis the configuration table would repeat the axis table
+        tables.append(config_table(study, metrics))
+    return tables + pivot_tables(study, metrics)
+
+
+def stem(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def to_markdown(t: Table, level: int = 3) -> str:
+    def cell(i, j, text):
+        text = text.replace("|", "\\|")
+        return f"**{text}**" if (i, j) in t.bold else text
+
+    lines = [f"{'#' * level} {t.title}", "", t.caption, "",
+             "| " + " | ".join(h.replace("|", "\\|") for h in t.header) + " |",
+             "| " + " | ".join("---:" if a == "r" else "---" for a in t.align) + " |"]
+    lines += ["| " + " | ".join(cell(i, j, c) for j, c in enumerate(row)) + " |" for i, row in enumerate(t.cells)]
+    if t.footnote:
+        lines += ["", f"*{t.footnote}*"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    return t.data.to_csv(index=False)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+        "±": r"$\pm$", "–": "--", "—": "---", "×": r"$\times$"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(c, c) for c in str(text))
+
+
+def to_latex(t: Table) -> str:
+    """A ``table`` float around a plain ``tabular`` (no booktabs or other packages)."""
+    def cell(i, j, text):
+        text = tex_escape(text)
+        return f"\\textbf{{{text}}}" if (i, j) in t.bold else text
+
+    lines = [f"% {tex_escape(t.title)}", "\\begin{table}[ht]", "\\centering",
+             f"\\caption{{{tex_escape(t.title)}. {tex_escape(t.caption)}}}",
+             f"\\begin{{tabular}}{{{''.join(t.align)}}}", "\\hline",
+             " & ".join(tex_escape(h) for h in t.header) + " \\\\", "\\hline"]
+    # "{}" first: a row that began with "[" would be read as the optional argument of the previous \\
+    lines += ["{}" + " & ".join(cell(i, j, c) for j, c in enumerate(row)) + " \\\\" for i, row in enumerate(t.cells)]
+    lines += ["\\hline", "\\end{tabular}"]
+    if t.footnote:
+        lines += ["", f"\\smallskip\\footnotesize {tex_escape(t.footnote)}"]
+    lines += ["\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def latex_document(tables: list[Table], title: str) -> str:
+    """All tables in one document that compiles with plain ``pdflatex`` (article class, no packages)."""
+    body = "\n\\clearpage\n".join(to_latex(t) for t in tables)
+    return ("\\documentclass{article}\n\\begin{document}\n"
+            f"\\section*{{{tex_escape(title)}}}\n{body}\\end{{document}}\n")
+
+
+def to_html(t: Table) -> str:
+    def cell(i, j, text, tag="td"):
+        text = html.escape(text)
+        cls = ' class="num"' if t.align[j] == "r" else ""
+        return f"<{tag}{cls}>{'<strong>' + text + '</strong>' if (i, j) in t.bold else text}</{tag}>"
+
+    head = "".join(cell(-1, j, h, "th") for j, h in enumerate(t.header))
+    body = "\n".join("<tr>" + "".join(cell(i, j, c) for j, c in enumerate(row)) + "</tr>"
+                     for i, row in enumerate(t.cells))
+    note = f'\n<p class="note">{html.escape(t.footnote)}</p>' if t.footnote else ""
+    return (f'<section class="table" id="{html.escape(t.name)}">\n<h3>{html.escape(t.title)}</h3>\n'
+            f'<p class="caption">{html.escape(t.caption)}</p>\n'
+            f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>{note}\n</section>\n")

@@ -1,0 +1,549 @@
+"""export and compare on an MLflow store filled with known values, written per docs/tracking.md."""
+
+import csv
+import io
+import json
+import math
+import re
+import struct
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lora_ablate.cli import main
+from lora_ablate.commands.export import compare, export
+from lora_ablate.errors import UserError
+from lora_ablate.export.reader import (canonical_targets, detect_axes, format_value, log_bins, open_study,
+                                       parse_selection, select)
+from lora_ablate.export.tables import build_tables
+
+RANKS = (4, 8, 64)
+TARGETS = ("q,v", "q,k,v,o")
+SEEDS = (0, 1, 2)
+SETS = ("heldout_instances", "heldout_tasks")
+N_EX = 8
+# (r, targets, seed) -> state for the trials that did not complete: the r=64 q,k,v,o cell keeps one seed
+NOT_COMPLETE = {(64, "q,k,v,o", 1): ("FAIL", "FAILED", "CUDA out of memory"),
+                (64, "q,k,v,o", 2): ("PRUNED", "KILLED", "pruned at step 20")}
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _write_trial(client, exp_id, parent_id, number, params, metrics, tags, status, scores=None, tmp=None):
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(exp_id, run_name=f"trial-{number}", tags={
+        "mlflow.parentRunId": parent_id, "lora_ablate.kind": "trial", "lora_ablate.trial_number": str(number),
+        "lora_ablate.optuna_storage": "sqlite:///optuna.db", **tags})
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, step) for k, v, step in metrics])
+    if scores is not None:
+        path = tmp / f"{rid}" / "scores.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in scores))
+        client.log_artifact(rid, str(path))
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+def _example_nll(r, targets, seed, set_name, i):
+    """Dyadic per-example NLL: targets q,k,v,o is exactly 1/4 above q,v at the same r, seed and example."""
+    base = (3 * i + 5 * SETS.index(set_name) + 7 * seed + (i * seed) % 5) / 64
+    by_rank = {4: 0.5, 8: (i % 3) / 16 + seed / 32, 64: (i % 4) / 32}[r]
+    return 1.0 + base + by_rank + (0.25 if targets == "q,k,v,o" else 0.0)
+
+
+def _example_em(r, seed, i):
+    """Exact match: every example at r=64, the first at r=8, about a third at r=4."""
+    return float((i + seed) % 3 == 0 or i < r // 8)
+
+
+def build_rank_study(client, tmp):
+    exp_id = client.create_experiment("rank-demo", artifact_location=(tmp / "artifacts" / "rank-demo").as_uri())
+    parent = client.create_run(exp_id, run_name="study-20250101-000000", tags={
+        "lora_ablate.kind": "study", "lora_ablate.study": "rank-demo", "lora_ablate.space": "rank",
+        "lora_ablate.model": "tiny-llama", "lora_ablate.data": "suite", "lora_ablate.git_sha": "abc123",
+        "lora_ablate.device": "cpu", "lora_ablate.objective": "heldout_instances/nll",
+        "lora_ablate.direction": "minimize"}).info.run_id
+    rng = np.random.default_rng(123)
+    values, runs = {}, {}
+    number = 0
+    for r in RANKS:
+        for targets in TARGETS:
+            for seed in SEEDS:
+                params = {"r": r, "alpha": float(r), "alpha_rule": "rank", "scaling": 1.0, "lr": 0.001,
+                          "targets": targets, "seed": seed, "steps": 20,
+                          "trainable_params": r * 1000 * len(targets.split(",")),
+                          "cfg.train.seed": seed, "cfg.lora.r": r, "cfg.lora.dropout": 0.0}
+                curve = [("train/loss", 3.0 - 0.1 * s / 10 - 0.01 * r ** 0.5, s) for s in (0, 10, 20)]
+                curve += [("heldout_instances/nll", 2.5 - 0.05 * s / 10, s) for s in (10, 20)]
+                key = (r, targets, seed)
+                state, status, reason = NOT_COMPLETE.get(key, ("COMPLETE", "FINISHED", ""))
+                tags = {"lora_ablate.state": state, "lora_ablate.config_key": f"cfg-{r}-{targets}"}
+                if state != "COMPLETE":
+                    tags["lora_ablate.fail_reason"] = reason
+                    _write_trial(client, exp_id, parent, number, params, curve[:2], tags, status)
+                    number += 1
+                    continue
+                final = {"heldout_instances/nll": 2.0 - 0.1 * math.log2(r) + rng.normal(0, 0.05),
+                         "heldout_instances/exact_match": 0.1 * math.log2(r) / 6 + rng.uniform(0, 0.05),
+                         "heldout_tasks/nll": 2.4 + rng.normal(0, 0.05),
+                         "heldout_tasks/exact_match": rng.uniform(0, 0.1),
+                         "heldout_instances/ppl": 7.0, "heldout_instances/n": N_EX, "heldout_tasks/n": N_EX}
+                values[key] = {**final, "wall_s": 10.0 + r / 8 + seed, "trainable_params": params["trainable_params"]}
+                metrics = curve + [(f"final/{k}", v, 0) for k, v in final.items()]
+                metrics += [("wall_s", values[key]["wall_s"], 0), ("tokens_per_s", 1000.0, 0),
+                            ("peak_mem_mb", 512.0, 0), ("train_s", 8.0, 0)]
+                scores = [{"set": s, "idx": i, "family": "f", "nll": _example_nll(r, targets, seed, s, i),
+                           "tokens": 5, "exact_match": _example_em(r, seed, i), "rouge_l": 0.5,
+                           "prediction": "x"} for s in SETS for i in range(N_EX)]
+                runs[key] = _write_trial(client, exp_id, parent, number, params, metrics, tags, status, scores, tmp)
+                number += 1
+    client.set_terminated(parent, status="FINISHED")
+    return values, runs
+
+
+def build_lr_study(client, tmp):
+    """A sampled space: lr log-uniform, r from two values, one seed; no parent objective tags."""
+    exp_id = client.create_experiment("lr-sampled", artifact_location=(tmp / "artifacts" / "lr-sampled").as_uri())
+    parent = client.create_run(exp_id, tags={"lora_ablate.kind": "study"}).info.run_id
+    rng = np.random.default_rng(9)
+    lrs = 10 ** rng.uniform(-5, -2, size=12)
+    for n, lr in enumerate(lrs):
+        r = (4, 16)[n % 2]
+        nll = 2.0 + 0.2 * (math.log10(lr) + 3.5) ** 2 - 0.01 * r
+        _write_trial(client, exp_id, parent, n, {"r": r, "alpha": 16.0, "alpha_rule": "free", "lr": lr,
+                                                 "targets": "q,v", "seed": 0, "trainable_params": 100 * r},
+                     [("final/heldout_instances/nll", nll, 0), ("final/heldout_instances/n", N_EX, 0),
+                      ("train/loss", 3.0, 0), ("train/loss", 2.0, 10), ("wall_s", 5.0, 0)],
+                     {"lora_ablate.state": "COMPLETE"}, "FINISHED")
+    return lrs
+
+
+def build_small_studies(client, tmp):
+    """"single": one configuration, two seeds and a failure; "all-failed": nothing completed."""
+    for name, states in (("single", ("COMPLETE", "COMPLETE", "FAIL")), ("all-failed", ("FAIL", "FAIL"))):
+        exp_id = client.create_experiment(name, artifact_location=(tmp / "artifacts" / name).as_uri())
+        parent = client.create_run(exp_id, tags={"lora_ablate.kind": "study"}).info.run_id
+        for n, state in enumerate(states):
+            metrics = [("final/heldout_instances/nll", 1.5 + n / 4, 0)] if state == "COMPLETE" else []
+            _write_trial(client, exp_id, parent, n, {"r": 8, "targets": "q,v", "lr": 1e-3, "seed": n}, metrics,
+                         {"lora_ablate.state": state}, "FINISHED" if state == "COMPLETE" else "FAILED")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from mlflow import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    values, runs = build_rank_study(client, tmp)
+    lrs = build_lr_study(client, tmp)
+    build_small_studies(client, tmp)
+    return {"uri": uri, "values": values, "runs": runs, "lrs": lrs, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def exported(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "rank-demo"
+    export("rank-demo", out, "md,csv,tex,html", tracking_uri=store["uri"])
+    return out
+
+
+def _independent(values, keys, metric):
+    x = np.array([values[k][metric] for k in keys])
+    if len(x) == 1:
+        return len(x), x.mean(), math.nan, math.nan, math.nan
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=np.std(x, ddof=1) / math.sqrt(len(x)))
+    return len(x), x.mean(), np.std(x, ddof=1), lo, hi
+
+
+def _csv(path):
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def _close(text, expected):
+    if math.isnan(expected):
+        return text == ""
+    return float(text) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_reader_builds_a_typed_trial_frame(store):
+    study = open_study("rank-demo", tracking_uri=store["uri"])
+    t = study.trials
+    assert len(t) == 18 and t["trial_number"].tolist() == list(range(18))
+    assert study.counts() == {"COMPLETE": 16, "FAIL": 1, "PRUNED": 1}
+    assert t["r"].dtype.kind == "i" and t["lr"].dtype.kind == "f"
+    # alpha follows r under the rank rule and dropout never varies: neither is an axis
+    assert [a.name for a in study.axes] == ["r", "targets"]
+    assert study.objective == "heldout_instances/nll" and study.direction() == "minimize"
+    assert study.direction("heldout_instances/exact_match") == "maximize"
+    assert "heldout_instances/n" not in study.metrics and "heldout_tasks/exact_match" in study.metrics
+    assert set(t.loc[t["state"] == "FAIL", "fail_reason"]) == {"CUDA out of memory"}
+
+
+def test_sampled_lr_is_binned_on_a_log_scale(store):
+    study = open_study("lr-sampled", tracking_uri=store["uri"])
+    lr = next(a for a in study.axes if a.name == "lr")
+    assert lr.binned
+    # every trial lands in the bin whose edges (10^(j/k)) enclose it
+    for value, label in zip(study.complete["lr"], study.complete[lr.column]):
+        lo, hi = (float(x) for x in label.split("–"))
+        assert lo * (1 - 1e-2) <= value <= hi * (1 + 1e-2)
+    assert study.objective == "heldout_instances/nll"  # untagged parent: the documented default
+
+
+def test_a_value_copied_from_a_table_selects_its_trial(store):
+    study = open_study("lr-sampled", tracking_uri=store["uri"])
+    for lr in store["lrs"][:4]:
+        hit = select(study.complete, parse_selection(f"lr={format_value(lr)}"))
+        assert hit["lr"].tolist() == [pytest.approx(lr, rel=1e-12)]
+
+
+def test_axes_skip_what_other_axes_determine():
+    import pandas as pd
+
+    rows = [{"r": r, "alpha": float(r), "targets": "q,v", "seed": s, "dropout": d, "cfg.lora.dropout": d,
+             "cfg.train.seed": s, "cfg.train.warmup": 0.06, "scaling": 1.0, "trainable_params": 10 * r,
+             "final/heldout_instances/nll": 1.0}
+            for r in (4, 8) for d in (0.0, 0.1) for s in (0, 1)]
+    # alpha follows r, cfg.lora.dropout repeats the space's dropout param, seed repeats, warmup is fixed
+    assert [a.name for a in detect_axes(pd.DataFrame(rows))] == ["r", "dropout"]
+
+
+def test_a_column_where_every_row_ties_has_no_best(store):
+    study = open_study("rank-demo", tracking_uri=store["uri"])
+    tables = build_tables(study, ["heldout_instances/ppl", "heldout_instances/nll"])
+    for t in tables[:3]:  # axis and configuration tables
+        assert not any("ppl" in b for b in t.data["best"]) and t.data["best"].str.contains("nll").any()
+
+
+def test_reports_do_not_carry_tracking_passwords():
+    from lora_ablate.export.reader import Study
+
+    study = Study("s", "postgresql://me:secret@db:5432/mlflow", "1", {}, None)
+    assert study.display_uri == "postgresql://me:***@db:5432/mlflow"
+
+
+def test_log_bins_use_whole_decade_fractions():
+    # 3 decades give 3 whole-decade bins, fewer than 4, so half decades: edges at 10^(j/2)
+    labels, order = log_bins([1e-5, 2e-5, 1e-4, 5e-4, 1e-3, 9e-3])
+    assert labels == ["1.0e-05–3.2e-05", "1.0e-05–3.2e-05", "1.0e-04–3.2e-04", "3.2e-04–1.0e-03",
+                      "1.0e-03–3.2e-03", "3.2e-03–1.0e-02"]
+    assert order == list(dict.fromkeys(labels))  # only bins that hold a value, in lr order
+
+
+def test_targets_and_selections_accept_both_forms():
+    assert canonical_targets("qv") == canonical_targets("v,q") == "q,v"
+    assert canonical_targets("qkvomlp") == "q,k,v,o,mlp"
+    assert parse_selection("r=8,targets=q,v") == {"r": "8", "targets": "q,v"}
+    assert parse_selection("targets=qv, r=8") == {"targets": "qv", "r": "8"}
+    with pytest.raises(UserError, match="roles from"):
+        canonical_targets("qx")
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_axis_table_pools_every_trial_of_a_rank(store, exported):
+    rows = {int(row["r"]): row for row in _csv(exported / "csv" / "axis_r.csv")}
+    for r in RANKS:
+        keys = [k for k in store["values"] if k[0] == r]
+        for metric in ("heldout_instances/nll", "heldout_tasks/exact_match"):
+            n, mean, std, lo, hi = _independent(store["values"], keys, metric)
+            row = rows[r]
+            assert int(row["n"]) == n == int(row[f"{metric} n"])
+            for col, want in (("mean", mean), ("std", std), ("ci_low", lo), ("ci_high", hi)):
+                assert _close(row[f"{metric} {col}"], want), (r, metric, col)
+        assert float(row["wall_s_mean"]) == pytest.approx(np.mean([store["values"][k]["wall_s"] for k in keys]))
+    assert int(rows[64]["n"]) == 4  # 6 trials, one failed and one pruned
+
+
+def test_configuration_table_and_single_seed_cell(store, exported):
+    rows = {(int(r["r"]), r["targets"]): r for r in _csv(exported / "csv" / "configurations.csv")}
+    assert len(rows) == 6
+    for (r, targets), row in rows.items():
+        keys = [k for k in store["values"] if k[:2] == (r, targets)]
+        n, mean, std, lo, hi = _independent(store["values"], keys, "heldout_instances/nll")
+        assert int(row["n"]) == n
+        assert [_close(row[f"heldout_instances/nll {c}"], v) for c, v in
+                (("mean", mean), ("std", std), ("ci_low", lo), ("ci_high", hi))] == [True] * 4
+    one = rows[(64, "q,k,v,o")]
+    assert one["n"] == "1" and one["heldout_instances/nll std"] == "" and one["heldout_instances/nll ci_low"] == ""
+    md = (exported / "report.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| 64 | q,k,v,o | 1 |"))
+    assert "±" not in line and "[" not in line
+
+
+def test_best_cell_is_marked(store, exported):
+    rows = _csv(exported / "csv" / "configurations.csv")
+    means = {(row["r"], row["targets"]): float(row["heldout_instances/nll mean"]) for row in rows}
+    best = min(means, key=means.get)
+    marked = [(row["r"], row["targets"]) for row in rows if "heldout_instances/nll" in row["best"].split(";")]
+    assert marked == [best]
+    em = {(row["r"], row["targets"]): float(row["heldout_instances/exact_match mean"]) for row in rows}
+    marked = [(row["r"], row["targets"]) for row in rows if "heldout_instances/exact_match" in row["best"].split(";")]
+    assert marked == [max(em, key=em.get)]  # a score: higher is better
+    md = (exported / "report.md").read_text()
+    assert f"**{means[best]:.3f}" in md
+
+
+def test_pivot_of_crossed_axes(store, exported):
+    rows = _csv(exported / "csv" / "pivot_r_x_targets_heldout_instances_nll.csv")
+    assert len(rows) == 6
+    for row in rows:
+        keys = [k for k in store["values"] if k[:2] == (int(row["r"]), row["targets"])]
+        n, mean, *_ = _independent(store["values"], keys, "heldout_instances/nll")
+        assert int(row["n"]) == n and _close(row["mean"], mean)
+    assert sum(row["best"] == "True" for row in rows) == 1
+
+
+def test_failed_and_pruned_are_counted_in_the_footnote(exported):
+    md = (exported / "report.md").read_text()
+    assert "1 failed, 1 pruned of 18 trials" in md
+    assert "CUDA out of memory" in md
+    summary = json.loads((exported / "summary.json").read_text())
+    assert summary["trials"] == {"COMPLETE": 16, "FAIL": 1, "PRUNED": 1}
+    assert "heldout_instances/ppl" not in summary["metrics"]  # derived from nll: opt-in only
+    assert summary["metrics"][0] == "heldout_instances/nll"  # the objective leads
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_every_csv_parses_with_a_consistent_width(exported):
+    files = sorted((exported / "csv").glob("*.csv"))
+    assert {"axis_r.csv", "axis_targets.csv", "configurations.csv", "trials.csv"} <= {f.name for f in files}
+    for f in files:
+        rows = list(csv.reader(io.StringIO(f.read_text())))
+        assert len(rows) >= 2 and len({len(r) for r in rows}) == 1, f.name
+    trials = _csv(exported / "csv" / "trials.csv")
+    assert len(trials) == 18 and {t["state"] for t in trials} == {"COMPLETE", "FAIL", "PRUNED"}
+
+
+def _check_tabular(text):
+    assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") >= 1
+    for m in re.finditer(r"\\begin\{tabular\}\{([lcr]+)\}(.*?)\\end\{tabular\}", text, re.S):
+        ncols = len(m.group(1))
+        rows = [l for l in m.group(2).splitlines() if l.strip().endswith("\\\\")]
+        assert rows
+        for row in rows:
+            assert len(re.findall(r"(?<!\\)&", row)) == ncols - 1, row
+    assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
+    assert "\\usepackage" not in text
+
+
+def test_latex_is_plain_tabular(exported):
+    files = sorted((exported / "tex").glob("*.tex"))
+    assert len(files) >= 4
+    for f in files:
+        _check_tabular(f.read_text())
+    doc = (exported / "tables.tex").read_text()
+    _check_tabular(doc)
+    assert doc.startswith("\\documentclass{article}") and doc.rstrip().endswith("\\end{document}")
+    assert "$\\pm$" in doc and "±" not in doc
+
+
+class _Resources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.urls, self.stack, self.unbalanced = [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag not in ("meta", "img", "br", "link"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.unbalanced += 1
+
+
+def _png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_html_report_is_self_contained(exported):
+    import base64
+
+    text = (exported / "report.html").read_text()
+    p = _Resources()
+    p.feed(text)
+    p.close()
+    assert p.unbalanced == 0 and not p.stack
+    assert "script" not in p.tags and "link" not in p.tags and "url(" not in text
+    external = [u for u in p.urls if not (u.startswith("#") or u.startswith("data:image/png;base64,"))]
+    assert external == []
+    images = [u for u in p.urls if u.startswith("data:")]
+    summary = json.loads((exported / "summary.json").read_text())
+    assert len(images) == len(summary["plots"]) and p.tags.count("table") == len(summary["tables"])
+    assert all(_png_size(base64.b64decode(u.split(",", 1)[1])) == (800, 500) for u in images)
+
+
+def test_plots_are_png_of_fixed_size_and_svg(exported):
+    summary = json.loads((exported / "summary.json").read_text())
+    names = set(summary["plots"])
+    assert {"rank_heldout_instances_nll_by_targets", "targets_heldout_instances_nll", "curves",
+            "importances"} <= names
+    for name in names:
+        assert _png_size((exported / "plots" / f"{name}.png").read_bytes()) == (800, 500)
+        svg = (exported / "plots" / f"{name}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and svg.rstrip().endswith("</svg>")
+
+
+def test_sampled_study_exports_lr_sensitivity(store, tmp_path):
+    out = tmp_path / "lr"
+    export("lr-sampled", out, "md", tracking_uri=store["uri"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert "lr_heldout_instances_nll" in summary["plots"] and "axis_lr" in summary["tables"]
+    assert not (out / "csv").exists() and not (out / "report.html").exists()  # only what was asked
+    assert "log-scale bins" in (out / "report.md").read_text()
+
+
+def test_single_configuration_study(store, tmp_path):
+    out = tmp_path / "single"
+    export("single", out, "csv,md", tracking_uri=store["uri"])
+    rows = _csv(out / "csv" / "configurations.csv")
+    assert len(rows) == 1 and rows[0]["n"] == "2"
+    assert _close(rows[0]["heldout_instances/nll mean"], 1.625)
+    assert _close(rows[0]["heldout_instances/nll std"], np.std([1.5, 1.75], ddof=1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["axes"] == [] and summary["tables"] == ["configurations"]
+    assert any("at least 3 complete trials" in n for n in summary["notes"])
+    assert "1 failed of 3 trials" in (out / "report.md").read_text()
+
+
+def test_export_is_atomic(store, tmp_path, monkeypatch):
+    import lora_ablate.export.plots as plots
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "render_plots", broken)
+    with pytest.raises(RuntimeError):
+        export("rank-demo", tmp_path / "out", "md", tracking_uri=store["uri"])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- compare
+
+
+def _matrix(store, r, targets, set_name, metric="nll"):
+    seeds = [s for s in SEEDS if (r, targets, s) in store["values"]]
+    if metric == "nll":
+        return np.array([[_example_nll(r, targets, s, set_name, i) for i in range(N_EX)] for s in seeds])
+    return np.array([[_example_em(r, s, i) for i in range(N_EX)] for s in seeds])
+
+
+def test_compare_matches_an_independent_bootstrap(store):
+    c = compare("rank-demo", "r=8,targets=qv", "r=64,targets=q,v", tracking_uri=store["uri"], n_boot=2000, seed=4)
+    a, b = _matrix(store, 8, "q,v", "heldout_instances"), _matrix(store, 64, "q,v", "heldout_instances")
+    d = b - a
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 3, size=(2000, 3))
+    cols = rng.integers(0, N_EX, size=(2000, N_EX))
+    deltas = np.array([d[np.ix_(rows[k], cols[k])].mean() for k in range(2000)])
+    assert c.delta == pytest.approx(d.mean(), abs=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx(tuple(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
+    assert c.p_value == pytest.approx(min(1, 2 * min(np.mean(deltas <= 0), np.mean(deltas >= 0))))
+    assert (c.n_seeds, c.n_examples) == (3, N_EX)
+    assert c.sentence.startswith("r=64 (targets=q,v) scores ")
+    assert "than r=8 (targets=q,v) on heldout_instances" in c.sentence
+    assert "3 seeds x 8 examples" in c.sentence
+
+
+def test_compare_constant_shift_and_one_seed_side(store):
+    c = compare("rank-demo", "r=8,targets=q,v", "r=8,targets=q,k,v,o", tracking_uri=store["uri"], n_boot=1000)
+    assert (c.delta, c.ci_low, c.ci_high, c.p_value) == (0.25, 0.25, 0.25, 0.0)
+    assert c.sentence == ("targets=q,k,v,o (r=8) scores 0.250 higher NLL than targets=q,v (r=8) on "
+                          "heldout_instances (95% CI 0.250 to 0.250, p < 0.001, 3 seeds x 8 examples).")
+    # r=64 q,k,v,o kept only seed 0: pairing uses the one common seed
+    c = compare("rank-demo", "r=64,targets=qv", "r=64,targets=qkvo", tracking_uri=store["uri"], n_boot=500,
+                metric="heldout_tasks/nll")
+    assert c.n_seeds == 1 and c.delta == 0.25 and "1 seed x 8 examples" in c.sentence
+
+
+def test_compare_scores_say_lower_with_the_interval_flipped(store):
+    c = compare("rank-demo", "r=64,targets=q,v", "r=4,targets=q,v", metric="heldout_instances/exact_match",
+                tracking_uri=store["uri"], n_boot=1000)
+    a = _matrix(store, 64, "q,v", "heldout_instances", "em")
+    b = _matrix(store, 4, "q,v", "heldout_instances", "em")
+    assert c.delta == pytest.approx((b - a).mean())
+    assert c.delta < 0 and f"scores {-c.delta:.3f} lower exact match than r=64" in c.sentence
+    assert f"CI {-c.ci_high:.3f} to {-c.ci_low:.3f}" in c.sentence
+
+
+def test_compare_cli_prints_the_sentence(store, capsys):
+    assert main(["compare", "--study", "rank-demo", "--tracking-uri", store["uri"], "--a", "r=8,targets=qv",
+                 "--b", "r=8,targets=qkvo", "--n-boot", "200"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("targets=q,k,v,o (r=8) scores 0.250 higher NLL")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_unknown_study_lists_the_studies(store, tmp_path, capsys):
+    err = _error(capsys, ["export", "--study", "nope", "--tracking-uri", store["uri"], "--out", str(tmp_path / "x")])
+    assert "'nope'" in err and "all-failed, lr-sampled, rank-demo, single" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_study_without_complete_trials(store, tmp_path, capsys):
+    err = _error(capsys, ["export", "--study", "all-failed", "--tracking-uri", store["uri"], "--out",
+                          str(tmp_path / "x")])
+    assert "no complete trial (2 failed)" in err and not (tmp_path / "x").exists()
+
+
+def test_missing_store_is_not_created(tmp_path, capsys):
+    err = _error(capsys, ["export", "--study", "s", "--workspace", str(tmp_path / "ws")])
+    assert "no MLflow store" in err and not (tmp_path / "ws").exists()
+
+
+def test_unknown_metric_lists_the_available(store, tmp_path, capsys):
+    err = _error(capsys, ["export", "--study", "rank-demo", "--tracking-uri", store["uri"], "--out",
+                          str(tmp_path / "x"), "--metrics", "heldout_instances/bleu"])
+    assert "'heldout_instances/bleu'" in err and "heldout_instances/exact_match" in err
+    err = _error(capsys, ["compare", "--study", "rank-demo", "--tracking-uri", store["uri"], "--a", "r=8",
+                          "--b", "r=64", "--metric", "bleu"])
+    assert "available:" in err
+
+
+def test_bad_format_lists_the_valid(store, tmp_path, capsys):
+    err = _error(capsys, ["export", "--study", "rank-demo", "--tracking-uri", store["uri"], "--out",
+                          str(tmp_path / "x"), "--format", "md,pdf"])
+    assert "md, csv, tex, html" in err
+
+
+def test_selections_that_match_nothing_or_too_much(store, capsys):
+    base = ["compare", "--study", "rank-demo", "--tracking-uri", store["uri"]]
+    err = _error(capsys, base + ["--a", "r=5,targets=qv", "--b", "r=64,targets=qv"])
+    assert "r in {4, 8, 64}" in err and "targets in {q,v, q,k,v,o}" in err
+    err = _error(capsys, base + ["--a", "r=8", "--b", "r=64,targets=qv"])
+    assert "matches 2 configurations" in err
+    err = _error(capsys, base + ["--a", "rank=8", "--b", "r=64"])
+    assert "unknown parameter 'rank'" in err
+    err = _error(capsys, base + ["--a", "r=8,targets=qv", "--b", "targets=q,v,r=8"])
+    assert "same configuration" in err
+    err = _error(capsys, base + ["--a", "r=8,targets=qv", "--b", "r=64,targets=qv", "--metric",
+                                 "heldout_instances/ppl"])
+    assert "no per-example 'ppl'" in err and "exact_match" in err

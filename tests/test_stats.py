@@ -1,0 +1,121 @@
+"""Seed intervals, the paired bootstrap and importances against independent computations."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lora_ablate.export.stats import bootstrap_indices, paired_bootstrap, param_importances, summarize
+
+
+def test_summary_matches_scipy_t_interval():
+    x = np.array([0.41, 0.37, 0.45, 0.40])
+    s = summarize(x)
+    lo, hi = stats.t.interval(0.95, df=len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert s.n == 4
+    assert s.mean == pytest.approx(x.mean(), abs=1e-15)
+    assert s.std == pytest.approx(np.std(x, ddof=1), abs=1e-15)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+
+
+def test_two_values_use_t_with_one_degree_of_freedom():
+    s = summarize([1.0, 3.0])
+    # t_{0.975, 1} = 12.7062..., std = sqrt(2), half width = t * sqrt(2) / sqrt(2) = t
+    assert s.ci_high - s.mean == pytest.approx(12.706204736174698, rel=1e-12)
+
+
+def test_one_seed_has_no_interval_and_missing_values_are_dropped():
+    s = summarize([0.5, float("nan")])
+    assert s.n == 1 and s.mean == 0.5
+    assert math.isnan(s.std) and math.isnan(s.ci_low) and math.isnan(s.ci_high)
+    assert not s.has_interval
+    empty = summarize([])
+    assert empty.n == 0 and math.isnan(empty.mean)
+
+
+def _simple_bootstrap(a, b, n_boot, seed, confidence=0.95):
+    """The textbook loop, sharing only the documented index plan with the implementation."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    d = b - a
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, d.shape[0], size=(n_boot, d.shape[0]))
+    cols = rng.integers(0, d.shape[1], size=(n_boot, d.shape[1]))
+    deltas = np.array([d[np.ix_(rows[k], cols[k])].mean() for k in range(n_boot)])
+    lo, hi = np.percentile(deltas, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    p = min(1.0, 2 * min(np.mean(deltas <= 0), np.mean(deltas >= 0)))
+    return d.mean(), lo, hi, p
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (1, 25), (4, 7)])
+def test_bootstrap_equals_the_simple_loop(shape):
+    rng = np.random.default_rng(7)
+    a = rng.normal(1.0, 0.3, size=shape)
+    b = a + rng.normal(0.05, 0.2, size=shape)
+    res = paired_bootstrap(a, b, n_boot=3000, seed=11, chunk=700)  # chunks must not change the stream
+    delta, lo, hi, p = _simple_bootstrap(a, b, 3000, 11)
+    assert res.delta == pytest.approx(delta, abs=1e-12)
+    assert res.ci_low == pytest.approx(lo, abs=1e-12)
+    assert res.ci_high == pytest.approx(hi, abs=1e-12)
+    assert res.p_value == pytest.approx(p, abs=1e-12)
+    assert (res.n_seeds, res.n_examples) == shape
+
+
+def test_one_dimensional_scores_are_one_seed():
+    a = np.arange(10) / 8
+    b = a[::-1].copy()
+    res = paired_bootstrap(a, b, n_boot=500, seed=3)
+    assert res.n_seeds == 1 and res.n_examples == 10
+    delta, lo, hi, p = _simple_bootstrap(a, b, 500, 3)
+    assert (res.delta, res.ci_low, res.ci_high, res.p_value) == pytest.approx((delta, lo, hi, p), abs=1e-12)
+
+
+def test_identical_configurations_differ_by_exactly_nothing():
+    a = np.random.default_rng(0).random((3, 32))
+    res = paired_bootstrap(a, a.copy(), n_boot=1000)
+    assert (res.delta, res.ci_low, res.ci_high, res.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_constant_shift_is_recovered_exactly():
+    a = np.random.default_rng(1).integers(0, 64, size=(2, 50)) / 64  # dyadic: the shift is exact
+    res = paired_bootstrap(a, a + 0.25, n_boot=1000)
+    assert (res.delta, res.ci_low, res.ci_high) == (0.25, 0.25, 0.25)
+    assert res.p_value == 0.0  # no replicate reaches 0: read as p < 1/n_boot
+    assert paired_bootstrap(a + 0.25, a, n_boot=1000).delta == -0.25
+
+
+def test_p_value_counts_ties_on_both_sides():
+    # one example differs: a replicate is 0 whenever it never draws that example, which is most
+    a = np.zeros((1, 20))
+    b = a.copy()
+    b[0, 0] = 1.0
+    res = paired_bootstrap(a, b, n_boot=2000, seed=5)
+    _, cols = bootstrap_indices(1, 20, 2000, 5)
+    share_zero = np.mean(~(cols == 0).any(axis=1))
+    assert res.p_value == pytest.approx(min(1.0, 2 * share_zero))
+    assert res.delta == 1 / 20 and res.ci_low == 0.0
+
+
+def test_bootstrap_rejects_unpaired_or_missing_scores():
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_bootstrap(np.zeros((2, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        paired_bootstrap(np.array([0.0, np.nan]), np.zeros(2))
+
+
+def test_importances_find_the_parameter_that_matters():
+    rng = np.random.default_rng(0)
+    r = rng.choice([4, 8, 16, 32, 64], size=40).tolist()
+    lr = (10 ** rng.uniform(-5, -2, size=40)).tolist()
+    y = [2.0 - 0.3 * math.log2(x) + 0.001 * rng.normal() for x in r]
+    imp, note = param_importances({"r": r, "lr": lr, "seed": [0] * 40}, y, "minimize")
+    assert note == ""
+    assert set(imp) == {"r", "lr"}  # seed does not vary: not a parameter of this study
+    assert imp["r"] > 0.9 and sum(imp.values()) == pytest.approx(1.0)
+
+
+def test_importances_say_why_they_are_skipped():
+    imp, note = param_importances({"r": [4, 8], "lr": [1e-3, 1e-4]}, [1.0, 2.0])
+    assert imp == {} and "at least 3 complete trials" in note
+    imp, note = param_importances({"r": [4, 8, 16], "seed": [0, 0, 0]}, [1.0, 2.0, 3.0])
+    assert imp == {} and "at least 2 varying parameters" in note and "r" in note
