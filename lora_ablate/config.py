@@ -174,15 +174,24 @@ class StudyConfig:
     space: str = _f("rank", "search space: a name from experiments/spaces/ or a YAML file")
     name: str = _f("", "study name (default: <space>-<model>)")
     seeds: int = _f(1, "repeat every configuration with this many seeds (seed is a trial parameter)")
-    n_trials: int = _f(0, "trials to run in this invocation (0 = the whole grid, or 20 for sampled spaces)")
+    n_trials: int = _f(0, "trials to run in this invocation (0 = all the space still needs: the grid cells "
+                          "not done, or its sampled budget; more than that samples new configurations)")
     timeout: float = _f(0.0, "stop starting new trials after this many seconds (0 = no limit)")
     objective: str = _f("heldout_instances/nll", "held-out metric to optimise, <set>/<metric>")
     direction: str = _f("auto", "minimize, maximize, or auto (from the metric: nll/ppl down, scores up)")
     pruner: str = _f("none", "prune on intermediate held-out loss: none, median, hyperband")
     pack: str = _f("1", "trials trained together in one pass over the base: a number or auto")
+    workspace: str = _f("lora_ablate_runs", "folder of the embedded stores: optuna.db, mlflow.db, artifacts/")
+    storage: str = _f("", "Optuna RDB storage URL (default: sqlite:///<workspace>/optuna.db)")
+    retry_failed: bool = _f(True, "train failed trials again when the study is resumed (false: a failure is final)")
 
     def __post_init__(self):
         _positive("study", "seeds", self.seeds)
+        if not self.workspace:
+            raise UserError("study.workspace is empty; give a folder, e.g. --workspace lora_ablate_runs")
+        if self.storage and "://" not in self.storage:
+            raise UserError(f"study.storage={self.storage!r} is not an RDB URL; write e.g. sqlite:///study.db "
+                            "or postgresql://user@host/db")
         _positive("study", "n_trials", self.n_trials, allow_zero=True)
         _positive("study", "timeout", self.timeout, allow_zero=True)
         _one_of("study", "direction", self.direction, ("auto", "minimize", "maximize"))
@@ -198,6 +207,11 @@ class StudyConfig:
 class TrackingConfig:
     enabled: bool = _f(True, "record runs in MLflow (training works with this off)")
     uri: str = _f("", "MLflow tracking URI (default: sqlite:///<workspace>/mlflow.db)")
+
+    def __post_init__(self):
+        if self.uri and "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
+            raise UserError(f"tracking.uri={self.uri!r} is not a URI; write e.g. http://host:5000 or "
+                            "sqlite:///mlflow.db")
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,8 @@ def _coerce(where: str, value, typ):
     if typ is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML reads `flag=1` as an int
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise UserError(f"{where}={value!r} is not valid; it must be true or false")
@@ -266,6 +282,8 @@ def _coerce(where: str, value, typ):
         except (TypeError, ValueError):
             raise UserError(f"{where}={value!r} is not valid; it must be a number") from None
     if typ is str:
+        if value is None:  # an empty YAML value (`name:`) is an empty string, not "None"
+            return ""
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}={value!r} is not valid; it must be a single value")
         return str(value)

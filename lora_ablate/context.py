@@ -19,19 +19,22 @@ class Context:
     evaluator: Evaluator
 
 
-def _setup_data(data: DataConfig, ev: EvalConfig) -> tuple[list[Example], list[EvalSet]]:
-    return load_train(data), [load_eval_set(name, ev.size, data.seed) for name in ev.sets]
+def _setup_data(data: DataConfig, ev: EvalConfig, with_train: bool = True) -> tuple[list[Example], list[EvalSet]]:
+    return (load_train(data) if with_train else []), [load_eval_set(name, ev.size, data.seed) for name in ev.sets]
 
 
 def _setup_model(model: ModelConfig) -> LoadedModel:
     return load_base(model)
 
 
-def build_context(exp: Experiment, targets=None) -> Context:
-    """Data first (cheap, fails fast on a bad file), then the model, then targets and tokenisation."""
+def build_context(exp: Experiment, targets=None, with_train: bool = True) -> Context:
+    """Data first (cheap, fails fast on a bad file), then the model, then targets and tokenisation.
+
+    ``with_train=False`` (evaluating a saved adapter) skips the training records: ``train`` is empty.
+    """
     from lora_ablate.targets import resolve_targets
 
-    examples, sets = _setup_data(exp.data, exp.eval)
+    examples, sets = _setup_data(exp.data, exp.eval, with_train)
     base = _setup_model(exp.model)
     for roles in targets or [exp.lora.targets]:
         resolve_targets(base.model, roles)

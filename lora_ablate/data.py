@@ -79,12 +79,59 @@ def _file_rows(path: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    kwargs = _csv_as_text(path) if suffix == ".csv" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log lines would break the one-line error
     try:
-        ds = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+        ds = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a broken file; one line is what the user needs
+        if suffix in (".jsonl", ".gz"):
+            _check_json_lines(path)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"data file {str(path)!r} could not be read: {msg}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return list(ds)
+
+
+def _csv_as_text(path: Path) -> dict:
+    """CSV has no types: read every column as text ('007' stays '007', an empty cell is '')."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # pandas drops a byte-order mark too
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    if not header or len(set(header)) != len(header):
+        return {}
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+            "keep_default_na": False}
+
+
+def _check_json_lines(path: Path) -> None:
+    """Name the first row of a JSONL file that is not a JSON object."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            row = 0
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ok = isinstance(json.loads(line), dict)
+                except ValueError as e:
+                    raise UserError(f"{path} row {row} (line {lineno}): not valid JSON: {e.msg}") from None
+                if not ok:
+                    raise UserError(f"{path} row {row} (line {lineno}): not a JSON object")
+                row += 1
+    except (OSError, UnicodeDecodeError):
+        return
 
 
 def _hub_rows(dataset_id: str) -> list[dict]:
@@ -125,7 +172,8 @@ def _to_example(row: dict, fields: dict, where: str, i: int) -> Example:
                             f"(columns: {choices(sorted(row))}); map them with data.fields")
         instruction, inp, output = get("prompt", True), "", get("completion", True)
     if not instruction.strip():
-        raise UserError(f"{where} row {i}: field {fields.get('instruction', 'instruction')!r} is empty")
+        key = "instruction" if alpaca else "prompt"
+        raise UserError(f"{where} row {i}: field {fields.get(key, key)!r} is empty")
     if not output.strip():
         key = "output" if alpaca else "completion"
         raise UserError(f"{where} row {i}: field {fields.get(key, key)!r} is empty")
@@ -192,7 +240,7 @@ def encode(ex: Example, tokenizer, template: str, max_length: int) -> tuple[list
     p = prompt_ids(ex, tokenizer, template)
     o = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     o = o[: max(1, max_length // 2)] if len(p) + len(o) > max_length and len(o) > max_length // 2 else o
-    p = p[-(max_length - len(o)):] if len(p) + len(o) > max_length else p
+    p = p[len(p) - (max_length - len(o)):] if len(p) + len(o) > max_length else p
     return p + o, [IGNORE] * len(p) + o
 
 

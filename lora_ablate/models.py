@@ -134,7 +134,19 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
             model = _load_quantized(where, gguf, cfg.quantization, dtype, device)
     except OSError as e:
         raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if gguf and cfg.quantization == "none":
+        _forget_gguf_quantizer(model)
     return model, tok, (str(Path(where) / gguf) if gguf else where)
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint is fully dequantized on load, but transformers keeps its quantizer attached and
+    then refuses ``save_pretrained`` (needed by ``--merge``); the weights are plain tensors, so drop it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _load_quantized(where: str, gguf: str | None, mode: str, dtype: torch.dtype, device: torch.device):
@@ -165,6 +177,7 @@ def _dequantized_cache(where: str, gguf: str) -> str:
     cache = Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate")) / f"dequant-{key}"
     if not (cache / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float16)
+        _forget_gguf_quantizer(model)
         tmp = cache.with_name(cache.name + ".tmp")
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(where, gguf_file=gguf).save_pretrained(tmp)

@@ -69,12 +69,19 @@ class RunDir:
         self.path = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> "RunDir":
+        # parents this run creates (deepest first): a failed run removes them again if still empty
+        self._made = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         self.path.mkdir(parents=True)
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self._made:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             return False
         if self.out.exists():
             self.out.rmdir()  # empty, checked above

@@ -31,13 +31,16 @@ def evaluate_adapter(adapter: Path, config: Path | None = None, overrides: list[
     exp = build_experiment(raw, list(overrides))
     if out is not None and Path(out).exists():
         raise UserError(f"output file {str(out)!r} already exists")
-    ctx = build_context(exp)
+    ctx = build_context(exp, with_train=False)  # the training file may be long gone
     model = PeftModel.from_pretrained(ctx.base.model, str(adapter_dir))
     report = ctx.evaluator.run(model, ctx.base.device)
     from lora_ablate.commands.train import print_metrics
 
-    print_metrics({"targets": str(model.peft_config["default"].target_modules), "scaling": float("nan"),
-                   "final": report.metrics})
+    from peft.tuners.lora import LoraLayer
+
+    scales = {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)}
+    print_metrics({"targets": str(model.peft_config["default"].target_modules),
+                   "scaling": scales.pop() if len(scales) == 1 else float("nan"), "final": report.metrics})
     if out is not None:
         Path(out).write_text(json.dumps({"metrics": report.metrics, "examples": report.examples}, indent=2))
     return report.metrics

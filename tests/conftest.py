@@ -1,0 +1,152 @@
+"""Shared fixtures: one tiny-llama base per session (guarded: every test that borrows it must hand it back
+unchanged), small experiments, pre-tokenised data, and record-file writers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small everywhere: fast on two loaded CPU cores.
+SMALL = {
+    "model": {"name": "tiny-llama"},
+    "data": {"train": "builtin:train", "train_size": 64, "max_length": 96},
+    "lora": {"r": 8, "targets": ["q", "k", "v", "o"]},
+    "train": {"steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1},
+    "eval": {"size": 8, "max_new_tokens": 4, "batch_size": 8, "generate": False},
+    "tracking": {"enabled": False},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for section, values in b.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_raw():
+    """``small_raw(lora={"r": 4})`` -> the raw mapping of a small tiny-llama experiment."""
+    return lambda **sections: _merge(SMALL, sections)
+
+
+@pytest.fixture(scope="session")
+def make_exp(small_raw):
+    """``make_exp(lora={"r": 4}, train={"steps": 2})`` -> a validated small tiny-llama Experiment."""
+    from lora_ablate.config import build_experiment
+
+    return lambda **sections: build_experiment(small_raw(**sections))
+
+
+@pytest.fixture(scope="session")
+def _tiny_base():
+    from lora_ablate.config import ModelConfig
+    from lora_ablate.models import load_base
+
+    return load_base(ModelConfig(name="tiny-llama"))
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_base(_tiny_base):
+    """The session's tiny-llama LoadedModel. Trials inject LoRA into ``base.model`` and unload it again;
+    this fixture fails the test if the base is not handed back exactly as it was lent."""
+    before = _snapshot(_tiny_base.model)
+    yield _tiny_base
+    after = _tiny_base.model.state_dict()
+    assert after.keys() == before.keys(), "the shared base has different modules after the test"
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"the shared base was modified: {changed[:3]}"
+    assert not any("lora" in n for n, _ in _tiny_base.model.named_modules()), "LoRA layers left in the base"
+    assert not any(p.requires_grad for p in _tiny_base.model.parameters()), "base parameters left trainable"
+    assert not _tiny_base.model.training, "base left in training mode"
+
+
+@pytest.fixture
+def fresh_tiny():
+    """A new, independent tiny-llama (same weights as the shared base): for stock-peft reloads that
+    would otherwise mutate the shared base."""
+    from lora_ablate.tiny import tiny_llama
+
+    def make():
+        model, _ = tiny_llama()
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_data(_tiny_base, make_exp):
+    from lora_ablate.data import encode_all, load_train
+
+    exp = make_exp()
+    return encode_all(load_train(exp.data), _tiny_base.tokenizer, exp.data.template, exp.data.max_length)
+
+
+@pytest.fixture(scope="session")
+def evaluator(_tiny_base, make_exp):
+    """NLL-only evaluator on the two built-in held-out sets, 8 examples each."""
+    from lora_ablate.data import load_eval_set
+    from lora_ablate.evaluation import Evaluator
+
+    exp = make_exp()
+    sets = [load_eval_set(name, exp.eval.size, exp.data.seed) for name in exp.eval.sets]
+    return Evaluator(sets, _tiny_base.tokenizer, exp.data, exp.eval)
+
+
+@pytest.fixture
+def run_trial(tiny_base, train_data, evaluator, make_exp):
+    """``run_trial(lora={...}, train={...}, adapter_dir=None, evaluator=<default>|None, hooks=None)``
+    -> TrialResult of one trial on the shared tiny base."""
+    from lora_ablate.engine import TrialSpec, train_trials
+
+    default_evaluator = evaluator
+
+    def run(lora=None, train=None, adapter_dir=None, evaluator=default_evaluator, hooks=None, data=None):
+        exp = make_exp(lora=lora or {}, train=train or {})
+        spec = TrialSpec(exp.lora, exp.train, name="test", adapter_dir=adapter_dir)
+        return train_trials(tiny_base, [spec], data or train_data, evaluator, hooks=hooks, progress=False)[0]
+
+    return run
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """``write_jsonl(rows, name="data.jsonl")`` -> path of a JSONL file in tmp_path."""
+
+    def write(rows, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+ALPACA_ROWS = [
+    {"instruction": "Reverse the word.", "input": "apple", "output": "elppa"},
+    {"instruction": "Write the word in uppercase.", "input": "river", "output": "RIVER"},
+    {"instruction": "What is the sum of these numbers?", "input": "2 3", "output": "5"},
+    {"instruction": "Answer with yes or no. Is 3 larger than 2?", "input": "", "output": "yes"},
+]
+
+
+@pytest.fixture
+def alpaca_rows():
+    return copy.deepcopy(ALPACA_ROWS)
