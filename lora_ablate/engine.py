@@ -112,8 +112,12 @@ def batch_order(n: int, batch: int, seed: int):
 
 
 def train_trials(base: LoadedModel, specs: list[TrialSpec], data: Encoded, evaluator: Evaluator | None,
-                 hooks: TrialHooks | None = None, progress: bool = True) -> list[TrialResult]:
+                 hooks: TrialHooks | None = None, progress: bool = True, packed: bool = False) -> list[TrialResult]:
     hooks = hooks or TrialHooks()
+    if packed:  # all specs in one pass over the base (lora_ablate.packed); K = 1 is the fast single trial
+        from lora_ablate.packed import train_packed
+
+        return train_packed(base, specs, data, evaluator, hooks, progress)
     return [train_one(base, spec, data, evaluator, hooks, progress) for spec in specs]
 
 

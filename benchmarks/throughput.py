@@ -1,0 +1,450 @@
+"""Trials per GPU-hour: HF Trainer + peft vs the single-trial path vs packed trials, in one command.
+
+    python benchmarks/throughput.py --out $OUT/bench.json            # the GPU benchmark (~3-5 min on an H200)
+    python benchmarks/throughput.py --out $OUT/study.json --parts study   # the default rank study, timed
+    python benchmarks/throughput.py --device cpu --steps 2 --out /tmp/bench.json   # CPU smoke (tiny-llama)
+
+Workload: the default model, batch 8 x 256 tokens (built-in training records tokenised and cut into rows
+of exactly 256 tokens, every token labelled, so a step is 8 * 256 real tokens per trial), LoRA r=8 on
+q/k/v/o. Each configuration runs ``--warmup`` untimed steps and then ``--steps`` timed ones; the clock
+is read in the training-log hook, right after the loss is read back (a device sync).
+
+Reported per configuration: tokens/s per trial and in aggregate, ratio to the HF Trainer baseline, MFU
+against a measured bf16 matmul ceiling (model FLOPs per token = 4 x parameters: the frozen base does a
+forward and an activation-gradient backward, no weight gradients), and peak memory per trial
+(torch.cuda.max_memory_allocated over the run / trials in the pack). The JSON is rewritten after every
+part, so a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from lora_ablate.config import LoraConfig, ModelConfig, TrainConfig
+from lora_ablate.data import Encoded, load_examples
+from lora_ablate.engine import TrialHooks, TrialSpec, peft_config, train_trials
+from lora_ablate.models import load_base
+from lora_ablate.packed import auto_pack_size, train_packed
+from lora_ablate.targets import resolve_targets
+
+RANK_SPACE = Path(__file__).resolve().parents[1] / "experiments" / "spaces" / "rank.yaml"
+RANKS = (1, 2, 4, 8, 16, 32, 64)  # the default rank study: 7 ranks x 3 seeds, 300 steps each
+SEEDS = (0, 1, 2)
+STUDY_STEPS = 300
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    device: torch.device
+    model_name: str
+    seq: int
+    batch: int
+    warmup: int
+    steps: int
+    packs: list[int]
+    compiled: list[int]
+    smoke: bool
+
+
+def fixed_length_rows(tokenizer, seq: int, records: int) -> Encoded:
+    """Built-in training records, tokenised end to end and cut into rows of exactly ``seq`` tokens."""
+    from lora_ablate.data import encode
+
+    stream: list[int] = []
+    for ex in load_examples("builtin:train", size=records, seed=0):
+        stream += encode(ex, tokenizer, "alpaca", 10**6)[0]
+    rows = [stream[i:i + seq] for i in range(0, len(stream) - seq + 1, seq)]
+    return Encoded(rows, [list(r) for r in rows])
+
+
+def lora_spec(setup: Setup, seed: int = 0) -> TrialSpec:
+    """r=8 on q/k/v/o; logging every ``warmup`` steps is what ticks the clock."""
+    return TrialSpec(LoraConfig(r=8, alpha_rule="rank", targets=("q", "k", "v", "o")),
+                     TrainConfig(steps=setup.warmup + setup.steps, batch_size=setup.batch, lr=1e-3,
+                                 log_every=setup.warmup, seed=seed),
+                     name=f"bench-{seed}")
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of the base, tied weights counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------------------- ceiling
+
+
+def matmul_ceiling(device: torch.device, smoke: bool) -> float:
+    """Median TFLOP/s of a square matmul: bf16 8192^3 on a GPU, fp32 512^3 on a CPU (smoke)."""
+    n, dtype = (512, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(3 if smoke else 20):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+class Clock(TrialHooks):
+    """Wall time at each log step (the loss was just read back: the device is in sync there)."""
+
+    def __init__(self):
+        self.at: dict[int, float] = {}
+
+    def on_train_log(self, spec, step, values):
+        self.at.setdefault(step, time.perf_counter())
+
+    def window(self, warmup: int, total: int) -> float:
+        return self.at[total] - self.at[warmup]
+
+
+def measure(name: str, setup: Setup, run, trials: int) -> dict:
+    """Run ``run(hooks)`` (training ``trials`` trials of warmup + steps steps) and time the steady part."""
+    clock = Clock()
+    reset_peak(setup.device)
+    t0 = time.perf_counter()
+    results = run(clock)
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} trial(s) {failed[0].status}: {failed[0].error}")
+    seconds = clock.window(setup.warmup, setup.warmup + setup.steps)
+    tokens = setup.steps * setup.batch * setup.seq
+    peak = peak_mb(setup.device)
+    return {"name": name, "trials": trials, "steps_timed": setup.steps, "seconds": seconds,
+            "tokens_per_s_per_trial": tokens / seconds, "tokens_per_s_aggregate": tokens * trials / seconds,
+            "peak_mem_mb_per_trial": peak / trials if peak is not None else None,
+            "warmup_seconds": clock.at[setup.warmup] - t0}
+
+
+def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
+    """transformers Trainer on a plain peft model: the same rows, LoRA, batch and learning rate."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    spec = lora_spec(setup)
+    plan = resolve_targets(base.model, spec.lora.targets)
+    torch.manual_seed(0)
+    model = get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
+    rows = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long)}
+            for r in data.input_ids]
+    stamps: dict[int, float] = {}
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (setup.warmup, setup.warmup + setup.steps):
+                sync(setup.device)
+                stamps[state.global_step] = time.perf_counter()
+
+    cuda = setup.device.type == "cuda"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=setup.batch,
+                                     max_steps=setup.warmup + setup.steps, learning_rate=1e-3,
+                                     lr_scheduler_type="cosine", max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
+                                     logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                                     dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+            reset_peak(setup.device)
+            t0 = time.perf_counter()
+            Trainer(model=model, args=args, train_dataset=rows, callbacks=[Stamp()]).train()
+    finally:
+        base.model = model.unload()
+        base.model.eval()
+    seconds = stamps[setup.warmup + setup.steps] - stamps[setup.warmup]
+    tokens = setup.steps * setup.batch * setup.seq
+    peak = peak_mb(setup.device)
+    return {"name": "hf_trainer_peft", "trials": 1, "steps_timed": setup.steps, "seconds": seconds,
+            "tokens_per_s_per_trial": tokens / seconds, "tokens_per_s_aggregate": tokens / seconds,
+            "peak_mem_mb_per_trial": peak, "warmup_seconds": stamps[setup.warmup] - t0}
+
+
+# ----------------------------------------------------------------------------------------- the study
+
+
+def rank_space() -> tuple[list[str], tuple[int, ...]]:
+    """The rank space's fixed settings (as config overrides) and rank grid, from experiments/spaces/rank.yaml
+    (the built-in grid and defaults if the file is not there)."""
+    import yaml
+
+    if not RANK_SPACE.is_file():
+        return [], RANKS
+    space = yaml.safe_load(RANK_SPACE.read_text())
+    overrides = [f"{k}={json.dumps(v)}" for k, v in (space.get("fixed") or {}).items()]
+    grid = (space.get("axes") or {}).get("lora.r", {}).get("grid", RANKS)
+    return overrides, tuple(int(r) for r in grid)
+
+
+def rank_study(setup: Setup, pack: int | None) -> dict:
+    """The default rank study end to end: config, data, model load, 7 ranks x 3 seeds x 300 steps in packs,
+    final evaluation (held-out NLL and greedy generations) of every trial. No Optuna or MLflow: the engine."""
+    from lora_ablate.config import build_experiment
+    from lora_ablate.context import build_context
+
+    t0 = time.perf_counter()
+    space, ranks = rank_space()
+    overrides = space + [f"model.device={setup.device.type}", f"train.steps={STUDY_STEPS}"]
+    seeds = SEEDS
+    if setup.smoke:
+        overrides += ["model.name=tiny-llama", "data.train_size=64", "data.max_length=64", "eval.size=4",
+                      "eval.max_new_tokens=2", "train.steps=2"]
+        ranks, seeds = (1, 4), (0,)
+    exp = build_experiment({}, overrides)
+    ctx = build_context(exp)
+    loaded = time.perf_counter() - t0
+    specs = [TrialSpec(dataclasses.replace(exp.lora, r=r), dataclasses.replace(exp.train, seed=s),
+                       name=f"r{r}-s{s}") for r in ranks for s in seeds]
+    k = pack or min(len(specs), auto_pack_size(ctx.base, specs, ctx.train))
+    queue = specs[k:]
+    results = train_packed(ctx.base, specs[:k], ctx.train, ctx.evaluator, progress=False,
+                           refill=lambda: queue.pop(0) if queue else None)
+    total = time.perf_counter() - t0
+    ok = [r for r in results if r.status == "ok"]
+    return {"trials": len(specs), "ok": len(ok), "steps": exp.train.steps, "pack": k, "settings": overrides,
+            "seconds_total": total, "seconds_load": loaded, "seconds_train_and_eval": total - loaded,
+            "objective": {r.spec.name: r.final.metrics[exp.eval.sets[0]]["nll"] for r in ok}}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+class Report:
+    def __init__(self, path: Path, header: dict):
+        self.path, self.data = path, {**header, "rows": []}
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.save()
+
+    def save(self) -> None:
+        base = next((r for r in self.data["rows"] if r["name"] == "hf_trainer_peft" and not r.get("error")), None)
+        ceiling, fpt = self.data.get("ceiling_tflops"), self.data["flops_per_token"]
+        for r in self.data["rows"]:
+            if r.get("error"):
+                continue
+            r["ratio_to_baseline"] = (r["tokens_per_s_aggregate"] / base["tokens_per_s_aggregate"]) if base else None
+            r["ratio_per_trial_to_baseline"] = (r["tokens_per_s_per_trial"] / base["tokens_per_s_per_trial"]) if base else None
+            r["mfu"] = r["tokens_per_s_aggregate"] * fpt / (ceiling * 1e12) if ceiling else None
+        self.data["targets"] = self.targets()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+    def targets(self) -> dict:
+        """The issue's goals against what was measured (None where a part is missing)."""
+        rows = {r["name"]: r for r in self.data["rows"] if not r.get("error")}
+        fast = [r for n, r in rows.items() if n in ("packed_k1", "packed_k1_compiled") and not r.get("compile_fallback")]
+        packs = [r for n, r in rows.items() if n.startswith("packed_") and r["trials"] > 1]
+        single = rows.get("single_trial")
+        best_fast = max((r.get("ratio_to_baseline") or 0 for r in fast), default=None)
+        best_pack = max(packs, key=lambda r: r["tokens_per_s_aggregate"], default=None)
+        mem = [r["peak_mem_mb_per_trial"] for r in packs if r.get("peak_mem_mb_per_trial") is not None]
+        study = self.data.get("study", {})
+        return {
+            "fast_single_x_baseline": best_fast, "fast_single_ok": None if best_fast is None else best_fast >= 8,
+            "best_pack": best_pack["name"] if best_pack else None,
+            "best_pack_x_baseline": best_pack.get("ratio_to_baseline") if best_pack else None,
+            "best_pack_mfu": best_pack.get("mfu") if best_pack else None,
+            "pack_ok": None if not best_pack or best_pack.get("ratio_to_baseline") is None or best_pack.get("mfu") is None
+            else best_pack["ratio_to_baseline"] >= 50 and best_pack["mfu"] >= 0.30,
+            "pack_memory_per_trial_ok": None if not (mem and single and single.get("peak_mem_mb_per_trial"))
+            else max(mem) <= single["peak_mem_mb_per_trial"],
+            "study_seconds": study.get("seconds_total"),
+            "study_ok": None if "seconds_total" not in study else study["seconds_total"] < 120,
+        }
+
+    def table(self) -> str:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        lines = [f"{'configuration':<24}{'K':>4}{'tok/s/trial':>13}{'tok/s total':>13}{'x base':>9}"
+                 f"{'MFU':>8}{'MB/trial':>10}"]
+        for r in self.data["rows"]:
+            if r.get("error"):
+                lines.append(f"{r['name']:<24}  error: {r['error'][:90]}")
+                continue
+            lines.append(f"{r['name']:<24}{r['trials']:>4}{r['tokens_per_s_per_trial']:>13,.0f}"
+                         f"{r['tokens_per_s_aggregate']:>13,.0f}{f(r.get('ratio_to_baseline'), '.1f'):>9}"
+                         f"{f(r.get('mfu'), '.1%'):>8}{f(r.get('peak_mem_mb_per_trial'), ',.0f'):>10}")
+        if "ceiling_tflops" in self.data:
+            lines.append(f"ceiling: {self.data['ceiling_tflops']:.0f} TFLOP/s ({self.data['ceiling_kind']}); "
+                         f"model FLOPs/token: {self.data['flops_per_token'] / 1e6:.0f}M (4 x {self.data['params'] / 1e6:.1f}M)")
+        if "study" in self.data:
+            s = self.data["study"]
+            lines.append(s.get("error") or (f"rank study: {s['ok']}/{s['trials']} trials x {s['steps']} steps in "
+                                            f"{s['seconds_total']:.1f} s (load {s['seconds_load']:.1f} s, pack {s['pack']})"))
+        return "\n".join(lines)
+
+
+def attempt(report: Report, name: str, fn) -> dict | None:
+    """Run one part; a failure is recorded in its row and the benchmark goes on."""
+    print(f"[bench] {name} ...", flush=True)
+    try:
+        row = fn()
+    except Exception as e:  # noqa: BLE001 - one broken configuration must not cost the rest of the GPU run
+        traceback.print_exc()
+        row = {"name": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+    if row is not None:
+        report.add(row)
+        print(f"[bench] {name}: {json.dumps({k: v for k, v in row.items() if k != 'name'})}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+PARTS = ("baseline", "single", "packed", "auto", "compiled", "study")
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu (smoke: tiny-llama)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--packs", default="1,4,8,16,32", help="pack sizes K to measure")
+    p.add_argument("--compiled", default=None, help="pack sizes to measure again with torch.compile "
+                                                     "(default 1,16 on a GPU, none on a CPU)")
+    p.add_argument("--parts", default=",".join(PARTS[:-1]), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--study", action="store_true", help="also time the default rank study (adds 'study')")
+    p.add_argument("--study-pack", type=int, default=0, help="pack size for the study (0: auto, at most 21)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    smoke = device.type == "cpu"
+    steps = args.steps
+    warmup = min(args.warmup, steps) if smoke else args.warmup
+    if steps % warmup:
+        steps += warmup - steps % warmup  # the clock ticks every `warmup` steps
+    compiled = args.compiled if args.compiled is not None else ("" if smoke else "1,16")
+    setup = Setup(device, "tiny-llama" if smoke else "smollm2-135m-instruct", 64 if smoke else 256, 8, warmup, steps,
+                  [int(k) for k in args.packs.split(",") if k], [int(k) for k in compiled.split(",") if k], smoke)
+    parts = set(args.parts.split(",")) | ({"study"} if args.study else set())
+
+    report = Report(args.out, {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                               "torch": torch.__version__, "python": platform.python_version(),
+                               "model": setup.model_name, "batch": setup.batch, "seq": setup.seq,
+                               "lora": "r=8, alpha=r, q/k/v/o", "warmup_steps": warmup, "timed_steps": steps,
+                               "flops_per_token": 0, "params": 0})
+    _versions(report)
+    if parts - {"study"}:
+        _throughput(report, setup, parts)
+    if "study" in parts:
+        try:
+            report.data["study"] = rank_study(setup, args.study_pack or None)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            report.data["study"] = {"error": f"rank study failed: {type(e).__name__}: {e}"}
+        report.save()
+    print(report.table())
+    return report.data
+
+
+def _versions(report: Report) -> None:
+    import peft
+    import transformers
+
+    report.data.update(transformers=transformers.__version__, peft=peft.__version__)
+
+
+def _throughput(report: Report, setup: Setup, parts: set[str]) -> None:
+    t0 = time.perf_counter()
+    base = load_base(ModelConfig(name=setup.model_name, device=setup.device.type))
+    report.data["model_load_seconds"] = time.perf_counter() - t0
+    n = param_count(base.model)
+    report.data.update(params=n, flops_per_token=4 * n)
+    report.data["ceiling_tflops"] = matmul_ceiling(setup.device, setup.smoke)
+    report.data["ceiling_kind"] = "fp32 512^3 (CPU smoke)" if setup.smoke else "bf16 8192^3 torch.matmul, median"
+    data = fixed_length_rows(base.tokenizer, setup.seq, 300 if setup.smoke else 2000)
+    report.data["rows_available"] = len(data)
+    report.save()
+    spec = lora_spec(setup)
+
+    if "baseline" in parts:
+        attempt(report, "hf_trainer_peft", lambda: hf_trainer_baseline(base, data, setup))
+    if "single" in parts:
+        attempt(report, "single_trial", lambda: measure(
+            "single_trial", setup, lambda clock: train_trials(base, [spec], data, None, clock, progress=False), 1))
+    if "packed" in parts:
+        for k in setup.packs:
+            attempt(report, f"packed_k{k}", lambda k=k: measure(
+                f"packed_k{k}", setup, lambda clock: train_packed(base, [lora_spec(setup, seed=i) for i in range(k)],
+                                                                  data, None, clock, progress=False), k))
+    if "auto" in parts:
+        def auto():
+            t = time.perf_counter()
+            k = auto_pack_size(base, spec, data)
+            row = measure("packed_auto", setup, lambda clock: train_packed(
+                base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False), k)
+            return {**row, "sizing_seconds": time.perf_counter() - t - row["seconds"] - row["warmup_seconds"]}
+
+        attempt(report, "packed_auto", auto)
+    if "compiled" in parts:
+        for k in setup.compiled:
+            attempt(report, f"packed_k{k}_compiled", lambda k=k: compiled_pack(base, data, setup, k))
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def compiled_pack(base, data: Encoded, setup: Setup, k: int) -> dict:
+    """A pack with torch.compile; if compilation failed and the pack fell back to eager, the row says so."""
+    caught = _Warnings()
+    logger = logging.getLogger("lora_ablate.packed")
+    logger.addHandler(caught)
+    try:
+        row = measure(f"packed_k{k}_compiled", setup, lambda clock: train_packed(
+            base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False, compile=True), k)
+    finally:
+        logger.removeHandler(caught)
+    fallback = [m for m in caught.messages if "torch.compile failed" in m]
+    return {**row, "compile_fallback": fallback[0] if fallback else None}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,379 @@
+"""Packed trials (lora_ablate.packed) against the single-trial reference path (engine.train_one).
+
+CPU, fp32, tiny-llama. The reference for every packed trial is the same spec trained alone by
+``train_trials``; packed results must agree to 1e-4 relative (in practice they agree to ~1e-8).
+"""
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from lora_ablate import packed
+from lora_ablate.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
+from lora_ablate.data import encode_all, load_eval_set, load_examples
+from lora_ablate.engine import TrialHooks, TrialPruned, TrialSpec, train_trials
+from lora_ablate.evaluation import Evaluator
+from lora_ablate.models import LoadedModel
+from lora_ablate.packed import _join, _Pack, auto_pack_size, fit_pack, initial_A, train_packed
+from lora_ablate.targets import resolve_targets
+from lora_ablate.tiny import tiny_llama
+
+REL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on a shared small CPU, intra-op threads only contend (8.4 s vs 0.3 s a trial)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, tok = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return LoadedModel(model, tok, "tiny-llama", "in-process", torch.device("cpu"), torch.float32)
+
+
+def _data(base, max_length):
+    return encode_all(load_examples("builtin:train", size=48, seed=0), base.tokenizer, "alpaca", max_length)
+
+
+@pytest.fixture(scope="module")
+def padded(base):
+    """Lengths 95..112: most batches are right-padded."""
+    return _data(base, 112)
+
+
+@pytest.fixture(scope="module")
+def unpadded(base):
+    """Every example truncated to 48 tokens: no batch has padding."""
+    return _data(base, 48)
+
+
+@pytest.fixture(scope="module")
+def evaluator(base):
+    cfg = EvalConfig(sets=("heldout_instances",), size=6, max_new_tokens=4, batch_size=3, every=3)
+    return Evaluator([load_eval_set("heldout_instances", 6, 0)], base.tokenizer, DataConfig(max_length=112), cfg)
+
+
+def spec(name, **kw):
+    lora = {k: kw.pop(k) for k in list(kw) if k in ("r", "alpha_rule", "alpha", "targets", "init", "dropout")}
+    train = {"steps": 6, "batch_size": 4, "log_every": 2, "warmup": 0.2, **kw}
+    return TrialSpec(LoraConfig(**lora), TrainConfig(**train), name=name)
+
+
+# Trials that differ in everything a pack lets them differ in.
+MIXED = [
+    spec("qv-r2", r=2, targets=("q", "v"), lr=3e-3, seed=1),
+    spec("qkvo-free", r=4, alpha_rule="free", alpha=8, targets=("q", "k", "v", "o"), lr=1e-3, seed=2,
+         batch_size=3, grad_accum=2, schedule="linear"),
+    spec("o-rslora", r=8, alpha_rule="rslora", alpha=4, targets=("o",), lr=5e-3, seed=3, schedule="constant",
+         weight_decay=0.1, max_grad_norm=0),
+    spec("mlp-gauss", r=4, targets=("mlp",), init="gaussian", lr=2e-3, seed=4, steps=4, log_every=1),
+]
+
+
+def close(a, b, rel=REL):
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def module_tree(model):
+    return [(name, type(m), id(m)) for name, m in model.named_modules()]
+
+
+def assert_same_trial(ref, got, rel=REL):
+    assert got.status == ref.status == "ok", (got.status, got.error)
+    assert (got.targets, got.scaling, got.trainable_params, got.tokens) == \
+           (ref.targets, ref.scaling, ref.trainable_params, ref.tokens)
+    assert [h["step"] for h in got.history] == [h["step"] for h in ref.history]
+    for h_ref, h_got in zip(ref.history, got.history):
+        assert close(h_ref["loss"], h_got["loss"], rel), (ref.spec.name, h_ref, h_got)
+        assert h_ref["lr"] == h_got["lr"]
+    assert [e["step"] for e in got.evals] == [e["step"] for e in ref.evals]
+    for e_ref, e_got in zip(ref.evals, got.evals):
+        assert all(close(e_ref[k], e_got[k], rel) for k in e_ref if k != "step"), (e_ref, e_got)
+    if ref.final is not None:
+        for name, m in ref.final.metrics.items():
+            assert close(m["nll"], got.final.metrics[name]["nll"], rel)
+            assert m["n"] == got.final.metrics[name]["n"]
+        assert [r["tokens"] for r in ref.final.examples] == [r["tokens"] for r in got.final.examples]
+
+
+@pytest.fixture(scope="module")
+def references(base, padded, evaluator):
+    """Each MIXED trial alone on the single path (computed once for the module)."""
+    return {s.name: train_trials(base, [s], padded, evaluator, progress=False)[0] for s in MIXED}
+
+
+# ----------------------------------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_initial_A_is_peft_init(base, init, dtype):
+    """Same seed, same A as peft's get_peft_model (bf16 bases: peft's cast down and autocast back up)."""
+    model = base.model if dtype == torch.float32 else tiny_llama()[0].to(dtype)
+    loaded = dataclasses.replace(base, model=model, dtype=dtype)
+    s = spec("init", r=4, targets=("q", "k", "v", "o", "mlp"), init=init, seed=7)
+    plan = resolve_targets(model, s.lora.targets)
+    ours = initial_A(loaded, s, plan.module_names)
+    torch.manual_seed(7)
+    cfg = PeftLoraConfig(r=4, lora_alpha=4, target_modules=plan.target_modules,
+                         init_lora_weights=True if init == "default" else "gaussian")
+    peft_model = get_peft_model(model, cfg)
+    try:
+        for name in plan.module_names:
+            theirs = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight
+            assert theirs.dtype == torch.float32
+            assert torch.equal(ours[name], theirs.detach()), name
+    finally:
+        peft_model.unload()
+
+
+# ----------------------------------------------------------------------------------------- equivalence
+
+
+def test_packed_trials_match_single_path(base, padded, evaluator, references):
+    """Four different trials in one pack: same curves, intermediate and final held-out metrics, greedy
+    predictions, as each trained alone; the base is untouched afterwards."""
+    tree, params = module_tree(base.model), {k: v.clone() for k, v in base.model.state_dict().items()}
+    finished = []
+    results = train_packed(base, MIXED, padded, evaluator, progress=False, on_result=finished.append)
+    assert [r.spec.name for r in results] == [s.name for s in MIXED]
+    # the 4-step trial is done (and reported) before the others
+    assert finished[0].spec.name == "mlp-gauss" and sorted(r.spec.name for r in finished) == sorted(s.name for s in MIXED)
+    for got in results:
+        ref = references[got.spec.name]
+        assert_same_trial(ref, got)
+        preds = lambda r: [e["prediction"] for e in r.final.examples]  # noqa: E731
+        assert preds(got) == preds(ref)
+        assert 0 < got.tokens_per_s
+    assert module_tree(base.model) == tree
+    assert all(torch.equal(v, base.model.state_dict()[k]) for k, v in params.items())
+    assert base.model.config._attn_implementation == "sdpa"
+
+
+def test_one_trial_is_bit_identical_to_single_path(base, unpadded, tmp_path):
+    """K = 1 (the fast single trial) reproduces train_one to the bit on unpadded batches, gradient
+    accumulation, weight decay, clipping and dropout included, through train_trials(packed=True)."""
+    for s in [spec("a", r=4, targets=("q", "k", "v", "o"), lr=3e-3, seed=5, grad_accum=2, weight_decay=0.05),
+              spec("b", r=8, alpha_rule="free", alpha=16, targets=("v", "mlp"), dropout=0.1, lr=1e-3, seed=6)]:
+        ref_dir, got_dir = tmp_path / f"ref_{s.name}", tmp_path / f"got_{s.name}"
+        ref = train_trials(base, [dataclasses.replace(s, adapter_dir=ref_dir)], unpadded, None, progress=False)[0]
+        got = train_trials(base, [dataclasses.replace(s, adapter_dir=got_dir)], unpadded, None, progress=False,
+                           packed=True)[0]
+        assert [h["loss"] for h in got.history] == [h["loss"] for h in ref.history]
+        a, b = load_file(ref_dir / "adapter_model.safetensors"), load_file(got_dir / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+        cfg_ref = json.loads((ref_dir / "adapter_config.json").read_text())
+        cfg_got = json.loads((got_dir / "adapter_config.json").read_text())
+        assert cfg_ref == cfg_got
+
+
+def test_export_loads_in_stock_peft_and_padding_stays_zero(base, padded, tmp_path):
+    """Each trial's exported adapter, loaded by PeftModel.from_pretrained, gives the logits the pack gives
+    for that trial; rank padding and non-targeted modules stay exactly zero through training."""
+    specs = MIXED[:3]
+    pack = _Pack(base, padded, None, False)
+    tree = module_tree(base.model)
+    try:
+        slots = [_join(s, pack, [], None) for s in specs]
+        pack.model.train()
+        pack.relayout(slots)
+        for _ in range(3):
+            pack.step()
+        assert pack.layout.r == 8
+        blocks = pack.layout.blocks(pack.weights)
+        for s in slots:
+            r = s.spec.lora.r
+            for name, (a, b) in blocks.items():
+                if name in s.modules:
+                    assert a[s.row, :r].abs().sum() > 0 and b[s.row, :, :r].abs().sum() > 0, name
+                    assert torch.count_nonzero(a[s.row, r:]) == 0 and torch.count_nonzero(b[s.row, :, r:]) == 0
+                else:
+                    assert torch.count_nonzero(a[s.row]) == 0 and torch.count_nonzero(b[s.row]) == 0
+        x = torch.tensor([padded.input_ids[0][:40], padded.input_ids[1][:40]])
+        pack.model.eval()
+        with torch.no_grad():
+            stacked = pack.model(input_ids=x.repeat(len(slots), 1)).logits.view(len(slots), *x.shape, -1)
+        dirs = [tmp_path / f"adapter_{k}" for k in range(len(slots))]
+        for s, d in zip(slots, dirs):
+            packed.export_adapter(pack, s, d)
+    finally:
+        pack.close()
+    assert module_tree(base.model) == tree
+    for k, d in enumerate(dirs):
+        model = PeftModel.from_pretrained(base.model, str(d))
+        try:
+            with torch.no_grad():
+                theirs = model(input_ids=x).logits
+            assert torch.allclose(theirs, stacked[k], rtol=1e-5, atol=1e-5), (k, (theirs - stacked[k]).abs().max())
+        finally:
+            base.model = model.unload()
+    base.model.eval()
+
+
+@pytest.mark.parametrize("k", [3, 1])
+def test_optimizer_and_clipping_match_torch(base, padded, k):
+    """The pack's per-trial clipping + AdamW + schedule against clip_grad_norm_ + torch.optim.AdamW +
+    LambdaLR on each trial's own parameters, fed the same random gradients (K = 1: to the bit)."""
+    from lora_ablate.engine import lr_lambda
+
+    specs = [spec("x", r=4, targets=("q", "v"), lr=3e-2, weight_decay=0.1, max_grad_norm=0.5, seed=1),
+             spec("y", r=2, targets=("q", "k", "v", "o"), lr=1e-2, schedule="linear", max_grad_norm=0, seed=2),
+             spec("z", r=8, targets=("o",), lr=5e-2, schedule="constant", max_grad_norm=2.0, seed=3)][:k]
+    pack = _Pack(base, padded, None, False)
+    try:
+        slots = [_join(s, pack, [], None) for s in specs]
+        pack.relayout(slots)
+        refs = []
+        for s in slots:
+            params = [p.detach().clone().requires_grad_() for ab in pack.slot_weights(s).values() for p in ab]
+            opt = torch.optim.AdamW(params, lr=s.train.lr, weight_decay=s.train.weight_decay)
+            refs.append((params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.train))))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            for s, (params, opt, sched) in zip(slots, refs):
+                grads = [g for ab in pack.slot_grads(s).values() for g in ab]
+                for g, p in zip(grads, params):
+                    g.copy_(torch.randn(g.shape, generator=gen) * 3)
+                    p.grad = g.clone()
+                if s.train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, s.train.max_grad_norm)
+                opt.step()
+                sched.step()
+            pack._clip()
+            pack._adamw()
+            pack.grads.zero_()
+            pack.j += 1
+        for s, (params, _, _) in zip(slots, refs):
+            ours = [p for ab in pack.slot_weights(s).values() for p in ab]
+            for mine, theirs in zip(ours, params):
+                if k == 1:
+                    assert torch.equal(mine, theirs.detach())
+                else:
+                    assert torch.allclose(mine, theirs.detach(), rtol=1e-5, atol=1e-7), (mine - theirs).abs().max()
+        # nothing outside the trials' own blocks (rank padding, modules they do not adapt) ever moved
+        assert torch.count_nonzero(pack.weights) == sum(p.numel() for params, _, _ in refs for p in params)
+    finally:
+        pack.close()
+
+
+# ----------------------------------------------------------------------------------------- leaving the pack
+
+
+class PruneAt(TrialHooks):
+    def __init__(self, name, step):
+        self.name, self.step = name, step
+
+    def on_eval(self, spec, step, values):
+        if spec.name == self.name and step == self.step:
+            raise TrialPruned(f"pruned at {step}")
+
+
+def test_failed_and_pruned_trials_leave_and_free_slots_are_refilled(base, padded, evaluator, references,
+                                                                   monkeypatch):
+    """A trial whose weights turn NaN fails, a pruned one stops, a new trial takes a freed slot; the others
+    (and the newcomer) still match their single-path references."""
+    step = _Pack.step
+
+    def step_then_poison(pack):  # divergence on demand: the tiny model's RMSNorms absorb any learning rate
+        step(pack)
+        for s in pack.slots:
+            if s.spec.name == "diverges" and s.done == 2:
+                for a, _ in pack.slot_weights(s).values():
+                    a.fill_(float("nan"))
+
+    monkeypatch.setattr(_Pack, "step", step_then_poison)
+    diverging = spec("diverges", r=4, targets=("q", "v"), seed=9, log_every=1)
+    pruned = dataclasses.replace(MIXED[0], name="pruned")
+    queue = [MIXED[3]]
+    done = []
+    results = train_packed(base, [MIXED[1], diverging, pruned, MIXED[2]], padded, evaluator, PruneAt("pruned", 3),
+                           progress=False, refill=lambda: queue.pop() if queue else None, on_result=done.append)
+    by_name = {r.spec.name: r for r in results}
+    assert by_name["diverges"].status == "failed"
+    assert by_name["diverges"].error == "training loss became nan by step 3"
+    assert [h["step"] for h in by_name["diverges"].history] == [1, 2]
+    assert by_name["pruned"].status == "pruned" and by_name["pruned"].error == "pruned at 3"
+    assert by_name["pruned"].final is None and [e["step"] for e in by_name["pruned"].evals] == [3]
+    for name in ("qkvo-free", "o-rslora", "mlp-gauss"):
+        assert_same_trial(references[name], by_name[name])
+    assert [r.spec.name for r in results][-1] == "mlp-gauss"  # joined last, through refill, at step 3
+    assert [r.spec.name for r in done][:2] == ["diverges", "pruned"]
+
+
+def test_too_little_data_fails_only_that_trial(base, padded):
+    greedy = spec("too-big", r=2, batch_size=len(padded) + 1)
+    results = train_packed(base, [greedy, MIXED[0]], padded, None, progress=False)
+    assert results[0].status == "failed" and "fewer than train.batch_size" in results[0].error
+    assert results[1].status == "ok"
+
+
+def test_compile_failure_falls_back_to_eager(base, unpadded, monkeypatch):
+    """If torch.compile breaks, the pack trains eagerly and the result is the eager result; the model's
+    blocks are the original modules afterwards."""
+    def broken_compile(module, **kw):
+        class Broken(torch.nn.Module):
+            def forward(self, *a, **k):
+                raise RuntimeError("compiler exploded")
+        return Broken()
+
+    layers = list(base.model.model.layers)
+    s = spec("c", r=2, targets=("q", "v"), lr=3e-3, steps=3)
+    eager = train_packed(base, [s, MIXED[0]], unpadded, None, progress=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = train_packed(base, [s, MIXED[0]], unpadded, None, progress=False, compile=True)
+    assert [h["loss"] for r in compiled for h in r.history] == [h["loss"] for r in eager for h in r.history]
+    assert all(a is b for a, b in zip(base.model.model.layers, layers))
+
+
+# ----------------------------------------------------------------------------------------- pack size
+
+
+def test_pack_size(base, padded):
+    assert auto_pack_size(base, MIXED, padded) == packed.CPU_PACK
+    assert auto_pack_size(base, MIXED[0], padded, limit=2) == 2
+    gib = 2**30
+    assert fit_pack(budget=80 * gib, fixed=2 * gib, per_trial=3 * gib, limit=64) == 26
+    assert fit_pack(budget=80 * gib, fixed=2 * gib, per_trial=0.1 * gib, limit=64) == 64
+    assert fit_pack(budget=1 * gib, fixed=2 * gib, per_trial=3 * gib, limit=64) == 1
+
+
+# ----------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/throughput.py in its CPU smoke mode: every part runs and reports its numbers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("throughput", None)
+    import throughput
+
+    out = tmp_path / "bench.json"
+    throughput.main(["--device", "cpu", "--steps", "2", "--packs", "1,2", "--study", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert {"hf_trainer_peft", "single_trial", "packed_k1", "packed_k2", "packed_auto"} <= set(rows), rows
+    for row in rows.values():
+        assert not row.get("error"), row
+        assert row["tokens_per_s_aggregate"] > 0 and row["tokens_per_s_per_trial"] > 0
+        assert math.isclose(row["tokens_per_s_aggregate"], row["tokens_per_s_per_trial"] * row["trials"], rel_tol=1e-9)
+        assert row["ratio_to_baseline"] > 0 and 0 < row["mfu"]
+    assert report["ceiling_tflops"] > 0
+    assert report["study"]["ok"] == report["study"]["trials"] == 2
+    assert report["targets"]["best_pack"] in rows and report["targets"]["study_seconds"] > 0
