@@ -11,7 +11,7 @@ for q in 8bit 4bit; do
     python3 -c "import json,sys; t=json.load(open('$R/$q-$gc/metrics.json'))['trial']; print('$q gc=$gc', 'peak MiB %.0f' % t['peak_mem_mb'], 'tok/s %.0f' % t['tokens_per_s'], 'loss %.3f' % t['final_train_loss'])" 2>&1 | tee -a $OUT/quant.txt
   done
 done
-python3 -m lora_ablate train --out $R/merge --merge train.steps=10 eval.size=8 eval.base=false --quiet 2>&1 | tail -2
+python3 -m lora_ablate train --out $R/merge --merge model.dtype=float32 train.steps=10 eval.size=8 eval.base=false --quiet 2>&1 | tail -2
 python3 - <<'PY' 2>&1 | grep -v -i -E "warn|Convert|Loading" | tee -a $OUT/quant.txt
 import torch
 from transformers import AutoModelForCausalLM
