@@ -6,7 +6,7 @@ Modules that add sub-commands (study, export, ...) list a ``register(subparsers)
 
 import importlib
 
-REGISTERED: tuple[str, ...] = ()
+REGISTERED: tuple[str, ...] = ("export", "study")
 
 
 def registry():

@@ -1,0 +1,261 @@
+"""``study``, ``spaces``, ``status`` and ``ui``: ablation studies from the command line.
+
+Every input check (space, config, objective, storage URL form) happens before the workspace is created,
+so a bad command line leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_ablate.config import Experiment, StudyConfig, load_yaml, parse_override
+from lora_ablate.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_ablate.spaces import Space
+    from lora_ablate.study import StudyReport
+
+
+def _space_arg(flag: str | None, config: Path | None, overrides: list[str]) -> str:
+    """--space, else a study.space override, else the config file's study.space, else the default."""
+    if flag:
+        return flag
+    for text in reversed(overrides):
+        section, name, value = parse_override(text)
+        if (section, name) == ("study", "space"):
+            return str(value)
+    raw = load_yaml(config) if config else {}
+    return str((raw.get("study") or {}).get("space") or StudyConfig().space)
+
+
+def study_setup(space: str | None = None, config: Path | None = None, overrides: list[str] = (),
+                settings: dict[str, dict] | None = None) -> tuple[Space, Experiment]:
+    """(space, base experiment) of a study command line; ``settings`` holds the flags, e.g.
+    ``{"study": {"seeds": 3}}`` (None values are left out). Raises UserError; writes nothing."""
+    from lora_ablate.spaces import load_space, study_experiment
+    from lora_ablate.study import check_study
+
+    overrides = list(overrides)
+    name = _space_arg(space, config, overrides)
+    sp = load_space(name)
+    layers = {"study": {"space": name}}
+    for section, values in (settings or {}).items():
+        layers.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    exp = study_experiment(sp, config, overrides, layers)
+    check_study(exp, sp)
+    return sp, exp
+
+
+def study(space: str | None = None, config: Path | None = None, overrides: list[str] = (),
+          settings: dict[str, dict] | None = None, progress: bool = True) -> StudyReport:
+    """Check everything, then run or resume the study (the workspace appears only once all checks passed)."""
+    from lora_ablate.study import run_study
+    from lora_ablate.tracking import make_tracker
+
+    sp, exp = study_setup(space, config, overrides, settings)
+    with _sigterm_as_interrupt():
+        report = run_study(exp, sp, tracker=make_tracker(exp), progress=progress)
+    print_report(report, exp)
+    return report
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM (preemption, `kill`) ends a study like Ctrl-C: the trials in flight are recorded
+    as failed at once, instead of staying RUNNING until the heartbeat's grace period has passed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def print_report(report: StudyReport, exp: Experiment) -> None:
+    from lora_ablate.study import GRACE_S
+    from lora_ablate.tracking import default_uri
+
+    ran = report.outcomes
+    states = {}
+    for o in ran:
+        states[o.state] = states.get(o.state, 0) + 1
+    this = ", ".join(f"{n} {s.lower()}" for s, n in states.items())
+    whole = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
+    if ran:
+        print(f"study {report.name}: this run {len(ran)} trial(s) ({this}); in all {whole}")
+    else:
+        print(f"study {report.name}: nothing to run; in all {whole}")
+    if report.remaining:
+        print(f"  {report.remaining} trial(s) still to run: run the same command again to resume")
+    running = report.counts.get("RUNNING", 0)
+    if running:
+        print(f"  {running} trial(s) RUNNING elsewhere; a dead worker's trials fail after {GRACE_S} s without "
+              "heartbeat and are trained again by the next run")
+    if report.best:
+        params = " ".join(f"{k}={v}" for k, v in report.best["params"].items())
+        print(f"  best: trial {report.best['number']} [{params}] {report.objective.name}={report.best['value']:.4f}")
+    if report.objective.name in report.base:
+        print(f"  base model: {report.objective.name}={report.base[report.objective.name]:.4f}")
+    print(f"  optuna: {report.storage}   (optuna-dashboard {report.storage})")
+    if exp.tracking.enabled:
+        uri = exp.tracking.uri or default_uri(exp.study.workspace)
+        hint = f"python -m lora_ablate ui --workspace {exp.study.workspace}" if not exp.tracking.uri else uri
+        print(f"  mlflow: {uri}   ({hint})")
+
+
+def list_spaces() -> list:
+    """Every shipped space, printed one per line: name, kind, trials per seed, description."""
+    from lora_ablate.spaces import load_space, space_names
+
+    out = []
+    for name in space_names():
+        try:
+            sp = load_space(name)
+        except UserError as e:
+            print(f"{name:<16} invalid: {e}")
+            continue
+        out.append(sp)
+        kind = {"grid": "grid", "sampled": "TPE", "mixed": "grid+TPE"}[sp.kind]
+        print(f"{name:<16} {kind:<9} {sp.configurations():>4} per seed  {sp.description}")
+        print(f"{'':<16} {sp.describe()}")
+    return out
+
+
+def _storage_for_status(workspace: Path, storage: str | None) -> str:
+    if storage:
+        return storage
+    db = Path(workspace).resolve() / "optuna.db"
+    if not db.is_file():
+        raise UserError(f"no Optuna storage at {str(db)!r}; run `python -m lora_ablate study` first, "
+                        "or pass --workspace DIR / --storage URL")
+    return f"sqlite:///{db}"
+
+
+def status(workspace: Path = Path(StudyConfig().workspace), storage: str | None = None,
+           study: str | None = None) -> list:
+    """Print each study's trials: number, state, params, value (and why a trial failed)."""
+    from lora_ablate.study import study_status
+
+    studies = study_status(_storage_for_status(workspace, storage), study)
+    if not studies:
+        print("no studies")
+    for s in studies:
+        counts = {}
+        for t in s.trials:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        print(f"study {s.name}  space {s.space or '?'}  objective {s.objective or '?'} ({s.direction})  "
+              f"{len(s.trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        names = list(dict.fromkeys(k for t in s.trials for k in t["params"]))
+        header = f"{'trial':>6}  {'state':<9}{'value':>10}" + "".join(f"  {n:>10}" for n in names)
+        print(header)
+        for t in s.trials:
+            value = f"{t['value']:.4f}" if t["value"] is not None else "-"
+            cells = "".join(f"  {_cell(t['params'].get(n, '-')):>10}" for n in names)
+            reason = f"  {t['reason']}" if t["reason"] else ""
+            print(f"{t['number']:>6}  {t['state']:<9}{value:>10}{cells}{reason}")
+    return studies
+
+
+def _cell(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def open_ui(workspace: Path = Path(StudyConfig().workspace), host: str = "127.0.0.1", port: int = 0):
+    """Start the MLflow UI on the workspace's store; returns the running server (``.url``, ``.stop()``)."""
+    from lora_ablate.tracking import default_uri, start_ui
+
+    db = Path(workspace).resolve() / "mlflow.db"
+    if not db.is_file():
+        raise UserError(f"no MLflow store at {str(db)!r}; run `python -m lora_ablate study` first, "
+                        "or pass the study's --workspace DIR")
+    return start_ui(default_uri(workspace), Path(workspace).resolve() / "artifacts", host, port)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _settings(args) -> dict[str, dict]:
+    return {
+        "study": {"seeds": args.seeds, "n_trials": args.n_trials, "timeout": args.timeout,
+                  "workspace": str(args.workspace) if args.workspace else None, "storage": args.storage,
+                  "name": args.study_name, "objective": args.objective, "pruner": args.pruner, "pack": args.pack},
+        "tracking": {"uri": args.tracking_uri, "enabled": False if args.no_tracking else None},
+    }
+
+
+def cmd_study(args) -> int:
+    study(args.space, args.config, args.overrides, _settings(args), progress=not args.quiet)
+    return 0
+
+
+def cmd_spaces(args) -> int:
+    list_spaces()
+    return 0
+
+
+def cmd_status(args) -> int:
+    status(args.workspace, args.storage, args.study)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    server = open_ui(args.workspace, args.host, args.port)
+    print(f"MLflow UI: {server.url}   (Ctrl-C stops it)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def register(sub) -> None:
+    default_ws = Path(StudyConfig().workspace)
+    s = sub.add_parser("study", help="run or resume an ablation study (Optuna) and record it (MLflow)",
+                       description="Run or resume the study of a search space. The same command again resumes "
+                                   "it: finished trials are never trained again.")
+    s.add_argument("--space", help="search space: a name (python -m lora_ablate spaces) or a YAML file; default rank")
+    s.add_argument("--config", type=Path, help="experiment YAML; its settings win over the space's fixed ones")
+    s.add_argument("--seeds", type=int, help="repeat every configuration with N seeds (default 1)")
+    s.add_argument("--n-trials", type=int, help="trials to run now (default: all the space still needs)")
+    s.add_argument("--timeout", type=float, help="start no new trial after S seconds")
+    s.add_argument("--workspace", type=Path, help=f"folder of optuna.db, mlflow.db, artifacts/ (default {default_ws})")
+    s.add_argument("--storage", help="Optuna RDB URL instead of <workspace>/optuna.db")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI instead of <workspace>/mlflow.db")
+    s.add_argument("--study-name", help="study name (default <space>-<model>)")
+    s.add_argument("--objective", help="held-out metric to optimise, <set>/<metric> (default heldout_instances/nll)")
+    s.add_argument("--pruner", help="prune on intermediate held-out loss: none, median, hyperband (needs eval.every)")
+    s.add_argument("--pack", help="trials per pass over the base: K or auto (default 1)")
+    s.add_argument("--no-tracking", action="store_true", help="do not record in MLflow")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
+    s.set_defaults(fn=cmd_study)
+
+    sp = sub.add_parser("spaces", help="list the search spaces")
+    sp.set_defaults(fn=cmd_spaces)
+
+    st = sub.add_parser("status", help="print each study's trials (state, params, value)")
+    st.add_argument("--study", help="only this study")
+    st.add_argument("--workspace", type=Path, default=default_ws, help=f"study workspace (default {default_ws})")
+    st.add_argument("--storage", help="Optuna RDB URL instead of <workspace>/optuna.db")
+    st.set_defaults(fn=cmd_status)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on a study workspace and print its URL")
+    u.add_argument("--workspace", type=Path, default=default_ws, help=f"study workspace (default {default_ws})")
+    u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    u.set_defaults(fn=cmd_ui)
+

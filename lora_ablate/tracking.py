@@ -1,0 +1,346 @@
+"""MLflow tracking of studies, by the schema in docs/tracking.md: one experiment per study, one parent run
+per ``study`` invocation, one nested run per trial, and the ``ui`` server.
+
+The only module that talks to MLflow. ``mlflow`` is imported only when tracking is on, so a study with
+``--no-tracking`` neither needs nor loads it. Runs are addressed by id through ``MlflowClient`` (never
+the fluent active-run stack), so several trials of a pack can be open at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lora_ablate.config import Experiment
+from lora_ablate.engine import TrialResult
+from lora_ablate.errors import UserError
+from lora_ablate.evaluation import EvalReport
+
+TAG = "lora_ablate."
+# MLflow run status per trial state (a pruned trial was stopped on purpose: KILLED)
+RUN_STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+_BATCH = 100  # MLflow's limit of params/tags per log_batch call
+
+
+def redact(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: URLs end up in tags."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(url))
+
+
+def default_uri(workspace: str | Path) -> str:
+    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(exp: Experiment) -> Path | None:
+    """Where a local store keeps artifacts (the workspace's ``artifacts/``); a server decides for itself."""
+    uri = exp.tracking.uri
+    if not uri or uri.startswith(("sqlite:", "file:")):
+        return Path(exp.study.workspace).resolve() / "artifacts"
+    return None
+
+
+@dataclass
+class StudyInfo:
+    """What the parent run records about one study invocation."""
+
+    name: str
+    space: str
+    objective: str
+    direction: str
+    storage: str
+    exp: Experiment  # the study's base experiment (before the axes)
+    model_source: str = ""
+
+
+@dataclass
+class TrialRecord:
+    """One trial as tracking sees it; ``exp`` is the trial's resolved experiment."""
+
+    number: int
+    params: dict
+    exp: Experiment | None
+    config_key: str = ""
+    state: str = "RUNNING"  # COMPLETE, FAIL, PRUNED
+    reason: str = ""
+    result: TrialResult | None = None
+    wall_s: float = 0.0
+
+
+def trial_params(exp: Experiment, params: dict) -> dict[str, str]:
+    """The documented top-level params, then the whole resolved config as ``cfg.<section>.<key>``."""
+    lora, train = exp.lora, exp.train
+    out = {"r": lora.r, "alpha": lora.lora_alpha, "alpha_rule": lora.alpha_rule, "scaling": lora.scaling,
+           "lr": train.lr, "targets": ",".join(lora.targets), "seed": train.seed, "steps": train.steps}
+    # a space may vary other settings (dropout, warmup, ...): their Optuna names are params too
+    out.update({k: v for k, v in params.items() if k not in out})
+    out.update({f"cfg.{k}": redact(v) if k in ("study.storage", "tracking.uri") else v
+                for k, v in exp.flat().items()})
+    return {k: str(v) for k, v in out.items()}
+
+
+class Tracker:
+    """Tracking switched off: every call is a no-op, so a study runs the same without MLflow."""
+
+    enabled = False
+
+    def start_study(self, info: StudyInfo) -> None:
+        pass
+
+    def log_base(self, report: EvalReport) -> None:
+        pass
+
+    def start_trial(self, trial: TrialRecord) -> str:
+        """Open the trial's run; returns its id ("" when off)."""
+        return ""
+
+    def staging_dir(self, run_id: str) -> Path | None:
+        """A folder for the trial's artifacts (the engine saves the adapter there); None when off."""
+        return None
+
+    def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def finish_trial(self, run_id: str, trial: TrialRecord) -> None:
+        pass
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Close the run of a trial whose worker died (found stale by the Optuna heartbeat)."""
+
+    def end_study(self, status: str, summary: dict[str, float]) -> None:
+        pass
+
+
+class MlflowTracker(Tracker):
+    enabled = True
+
+    def __init__(self, uri: str, artifacts: Path | None):
+        self.uri, self.artifacts = uri, artifacts
+        self._client = None
+        self.experiment_id = ""
+        self.parent_id = ""
+        self.study = ""
+        self.storage = ""
+        self._staging: dict[str, Path] = {}
+
+    @property
+    def client(self):
+        if self._client is None:
+            for name in ("mlflow", "alembic"):  # table creation logs at INFO on a new store
+                logging.getLogger(name).setLevel(logging.WARNING)
+            from mlflow import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _experiment(self, name: str, tags: dict) -> str:
+        from mlflow.entities import LifecycleStage
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == LifecycleStage.DELETED:
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = None
+        if self.artifacts is not None:
+            self.artifacts.mkdir(parents=True, exist_ok=True)
+            location = f"{self.artifacts.as_uri()}/{re.sub(r'[^A-Za-z0-9._-]', '_', name)}"
+        return self.client.create_experiment(name, artifact_location=location, tags=tags)
+
+    def start_study(self, info: StudyInfo) -> None:
+        from lora_ablate.rundir import environment
+
+        env = environment()
+        self.study, self.storage = info.name, info.storage
+        self.experiment_id = self._experiment(info.name, {f"{TAG}space": info.space})
+        tags = {f"{TAG}kind": "study", f"{TAG}study": info.name, f"{TAG}space": info.space,
+                f"{TAG}model": info.exp.model.name, f"{TAG}model_source": info.model_source,
+                f"{TAG}data": info.exp.data.train, f"{TAG}git_sha": env["git_sha"] or "unknown",
+                f"{TAG}device": env["device"], f"{TAG}objective": info.objective,
+                f"{TAG}direction": info.direction, f"{TAG}optuna_storage": info.storage,
+                **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v}}
+        run = self.client.create_run(self.experiment_id, tags=tags,
+                                     run_name=time.strftime("study-%Y%m%d-%H%M%S"))
+        self.parent_id = run.info.run_id
+
+    def log_base(self, report: EvalReport) -> None:
+        self._metrics(self.parent_id, 0, report.flat("base/"))
+        with tempfile.TemporaryDirectory(prefix="lora_ablate_base_") as tmp:
+            _jsonl(Path(tmp) / "base_scores.jsonl", report.examples)
+            self.client.log_artifacts(self.parent_id, tmp)
+
+    def start_trial(self, trial: TrialRecord) -> str:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, f"{TAG}kind": "trial", f"{TAG}study": self.study,
+                f"{TAG}trial_number": str(trial.number), f"{TAG}state": "RUNNING",
+                f"{TAG}config_key": trial.config_key, f"{TAG}optuna_storage": self.storage}
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{trial.number}")
+        run_id = run.info.run_id
+        params = trial_params(trial.exp, trial.params) if trial.exp is not None else trial.params
+        self._params(run_id, {k: str(v) for k, v in params.items()})
+        return run_id
+
+    def staging_dir(self, run_id: str) -> Path | None:
+        if run_id not in self._staging:
+            self._staging[run_id] = Path(tempfile.mkdtemp(prefix=f"lora_ablate_{run_id[:8]}_"))
+        return self._staging[run_id]
+
+    def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        self._metrics(run_id, step, values)
+
+    def finish_trial(self, run_id: str, trial: TrialRecord) -> None:
+        from mlflow.entities import RunTag
+
+        staging = self.staging_dir(run_id)
+        try:
+            r = trial.result
+            tags = [RunTag(f"{TAG}state", trial.state)]
+            if trial.reason:
+                tags.append(RunTag(f"{TAG}fail_reason", trial.reason[:5000]))
+            self.client.log_batch(run_id, tags=tags)
+            metrics = {"wall_s": trial.wall_s}
+            if r is not None:
+                self._params(run_id, {"trainable_params": str(r.trainable_params)})
+                metrics.update({"tokens_per_s": r.tokens_per_s, "train_s": r.train_seconds})
+                if r.peak_mem_mb:  # measured on CUDA only
+                    metrics["peak_mem_mb"] = r.peak_mem_mb
+                if r.final is not None:
+                    metrics.update(r.final.flat("final/"))
+                    _jsonl(staging / "scores.jsonl", r.final.examples)
+                _jsonl(staging / "history.jsonl", [{"kind": "train", **h} for h in r.history]
+                       + [{"kind": "eval", **e} for e in r.evals])
+            step = trial.exp.train.steps if trial.exp is not None else 0
+            self._metrics(run_id, step, metrics)
+            if trial.exp is not None:
+                (staging / "config.yaml").write_text(yaml.safe_dump(trial.exp.to_dict(), sort_keys=False))
+            if any(staging.iterdir()):
+                self.client.log_artifacts(run_id, str(staging))
+            self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"))
+        finally:
+            shutil.rmtree(self._staging.pop(run_id, staging), ignore_errors=True)
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", "FAIL"), RunTag(f"{TAG}fail_reason", reason)])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def end_study(self, status: str, summary: dict[str, float]) -> None:
+        if not self.parent_id:
+            return
+        self._metrics(self.parent_id, 0, summary)
+        self.client.set_terminated(self.parent_id, status)
+
+    def _metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+    def _params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def make_tracker(exp: Experiment) -> Tracker:
+    if not exp.tracking.enabled:
+        return Tracker()
+    return MlflowTracker(exp.tracking.uri or default_uri(exp.study.workspace), artifact_root(exp))
+
+
+def _jsonl(path: Path, rows) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+
+
+def _json_default(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+
+
+# ----------------------------------------------------------------------------- ui
+
+
+@dataclass
+class UiServer:
+    """A running ``mlflow server`` (its own process group, so its uvicorn workers stop with it)."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self, timeout: float = 15.0, keep_log: bool = False) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
+
+    def __enter__(self) -> "UiServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_ui(backend_uri: str, artifacts: Path | None = None, host: str = "127.0.0.1", port: int = 0,
+             timeout: float = 90.0) -> UiServer:
+    """Start the MLflow UI on ``backend_uri`` and return once it answers (``/health``)."""
+    port = port or free_port(host)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts is not None:
+        cmd += ["--default-artifact-root", artifacts.as_uri()]
+    # The job runner (GenAI background jobs) starts half a dozen worker processes a study never needs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = Path(tempfile.mkstemp(prefix="lora_ablate_ui_", suffix=".log")[1])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = UiServer(f"http://{host}:{port}", proc, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"mlflow server exited with status {proc.returncode}: {tail[0]} (log: {log})")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.stop(keep_log=True)
+    raise UserError(f"mlflow server did not answer on {server.url} within {timeout:.0f} s (log: {log})")

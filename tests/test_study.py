@@ -1,0 +1,388 @@
+"""Studies on tiny-llama: grids with seeds, resume after an interrupt or a dead worker, failed trials,
+sampled and mixed spaces, pruning, memory across trials, and the command line."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+
+import optuna
+import pytest
+import torch
+
+from lora_ablate import engine
+from lora_ablate import study as study_mod
+from lora_ablate.cli import main
+from lora_ablate.context import build_context
+from lora_ablate.errors import UserError
+from lora_ablate.evaluation import Evaluator, token_nll
+from lora_ablate.spaces import parse_space, study_experiment
+from lora_ablate.study import open_storage, run_study, storage_url, study_name
+
+BASE = {
+    "model": {"name": "tiny-llama"},
+    "data": {"train_size": 32, "max_length": 64},
+    "train": {"steps": 3, "batch_size": 4, "lr": 3e-3, "log_every": 1},
+    "eval": {"sets": ["heldout_instances"], "size": 4, "batch_size": 4, "generate": False, "base": False},
+    "tracking": {"enabled": False},
+}
+RANK3 = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "rank3")
+
+
+def experiment(space, tmp_path, **sections):
+    settings = copy.deepcopy(BASE)
+    settings.setdefault("study", {})["workspace"] = str(tmp_path / "ws")
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    return study_experiment(space, None, [], settings)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    """One worker's base, data and evaluator for the whole module (the settings of BASE)."""
+    return build_context(experiment(RANK3, tmp_path_factory.mktemp("ctx")))
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """The TrialSpecs handed to the engine, in order: what the study actually trained."""
+    seen = []
+    real = study_mod.train_trials
+
+    def counting(base, specs, *args, **kwargs):
+        seen.extend(specs)
+        return real(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", counting)
+    return seen
+
+
+def run(exp, space, ctx, **kwargs):
+    return run_study(exp, space, context=ctx, progress=False, **kwargs)
+
+
+def trials_of(exp, space):
+    storage = open_storage(storage_url(exp))
+    return optuna.load_study(study_name=study_name(exp, space), storage=storage).get_trials()
+
+
+def cells(specs):
+    return sorted((s.lora.r, s.train.seed) for s in specs)
+
+
+# ----------------------------------------------------------------------------- grids and resume
+
+
+def test_grid_with_seeds_runs_every_cell_once_and_resumes_to_nothing(tmp_path, ctx, trained):
+    exp = experiment(RANK3, tmp_path, study={"seeds": 2})
+    report = run(exp, RANK3, ctx)
+    assert cells(trained) == [(1, 0), (1, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    # seed-major order: every rank with the first seed before any second seed
+    assert [s.train.seed for s in trained] == [0, 0, 0, 1, 1, 1]
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 6
+    assert report.remaining == 0 and report.counts == {"COMPLETE": 6}
+    trials = trials_of(exp, RANK3)
+    assert sorted((t.params["r"], t.params["seed"]) for t in trials) == cells(trained)
+    assert all(math.isfinite(t.value) and t.user_attrs["config_key"] for t in trials)
+    # the seeds of one configuration share its config key, different ranks do not
+    keys = {(t.params["r"], t.params["seed"]): t.user_attrs["config_key"] for t in trials}
+    assert keys[(1, 0)] == keys[(1, 1)] != keys[(2, 0)]
+    assert report.best["value"] == min(t.value for t in trials)
+
+    trained.clear()
+    again = run(exp, RANK3, ctx)
+    assert trained == [] and again.outcomes == [] and again.remaining == 0
+
+
+def test_more_seeds_later_trains_only_the_new_seed(tmp_path, ctx, trained):
+    run(experiment(RANK3, tmp_path), RANK3, ctx)
+    assert cells(trained) == [(1, 0), (2, 0), (4, 0)]
+    trained.clear()
+    run(experiment(RANK3, tmp_path, study={"seeds": 2}), RANK3, ctx)
+    assert cells(trained) == [(1, 1), (2, 1), (4, 1)]
+
+
+def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, ctx, trained, monkeypatch):
+    exp = experiment(RANK3, tmp_path, study={"seeds": 2})
+    counting = study_mod.train_trials
+
+    def interrupted(base, specs, *args, **kwargs):
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third trial
+        return counting(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(exp, RANK3, ctx)
+    first = cells(trained)
+    states = sorted(t.state.name for t in trials_of(exp, RANK3))
+    assert len(first) == 2 and states == ["COMPLETE", "COMPLETE", "FAIL"]
+    failed = next(t for t in trials_of(exp, RANK3) if t.state.name == "FAIL")
+    assert "interrupted" in failed.user_attrs["fail_reason"]
+
+    monkeypatch.setattr(study_mod, "train_trials", counting)
+    trained.clear()
+    report = run(exp, RANK3, ctx)
+    assert len(trained) == 4 and not set(cells(trained)) & set(first)
+    assert set(cells(trained)) | set(first) == {(r, s) for r in (1, 2, 4) for s in (0, 1)}
+    assert report.remaining == 0 and report.counts == {"COMPLETE": 6, "FAIL": 1}
+
+
+def test_stale_trial_of_a_dead_worker_is_failed_and_trained_again(tmp_path, ctx, trained, monkeypatch):
+    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(study_mod, "GRACE_S", 1)
+    exp = experiment(RANK3, tmp_path, study={"n_trials": 1})
+    run(exp, RANK3, ctx)
+    assert cells(trained) == [(1, 0)]
+    # a worker takes r=2 and dies without a word: its trial stays RUNNING, its heartbeat stops
+    storage = open_storage(storage_url(exp))
+    dead = optuna.load_study(study_name=study_name(exp, RANK3), storage=storage)
+    dead.enqueue_trial({"r": 2, "seed": 0})
+    trial = dead.ask()
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)
+
+    trained.clear()
+    report = run(experiment(RANK3, tmp_path), RANK3, ctx)
+    assert cells(trained) == [(2, 0), (4, 0)]
+    by_number = {t.number: t for t in trials_of(exp, RANK3)}
+    assert by_number[trial.number].state.name == "FAIL"
+    assert report.counts == {"COMPLETE": 3, "FAIL": 1}
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def nan_loss(logits, labels):
+    nll, mask = token_nll(logits, labels)
+    return nll * float("nan"), mask
+
+
+def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, trained, monkeypatch):
+    counting = study_mod.train_trials
+
+    def poisoned(base, specs, *args, **kwargs):
+        with monkeypatch.context() as m:
+            if specs[0].lora.r == 2:
+                m.setattr(engine, "token_nll", nan_loss)
+            return counting(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", poisoned)
+    exp = experiment(RANK3, tmp_path)
+    report = run(exp, RANK3, ctx)
+    states = {o.params["r"]: o.state for o in report.outcomes}
+    assert states == {1: "COMPLETE", 2: "FAIL", 4: "COMPLETE"}
+    failed = next(o for o in report.outcomes if o.state == "FAIL")
+    assert "nan" in failed.reason
+    trial = next(t for t in trials_of(exp, RANK3) if t.state.name == "FAIL")
+    assert trial.params == {"r": 2, "seed": 0} and "nan" in trial.user_attrs["fail_reason"]
+    assert not any("lora" in n for n, _ in ctx.base.model.named_modules())
+
+    # retry_failed=false: a failure is final, nothing is left to run
+    trained.clear()
+    final = run(experiment(RANK3, tmp_path, study={"retry_failed": False}), RANK3, ctx)
+    assert trained == [] and final.remaining == 0
+    # by default the failed cell is trained again on resume (and succeeds without the poison)
+    monkeypatch.setattr(study_mod, "train_trials", counting)
+    retried = run(exp, RANK3, ctx)
+    assert cells(trained) == [(2, 0)] and [o.state for o in retried.outcomes] == ["COMPLETE"]
+
+
+def test_an_exception_in_a_trial_fails_it_and_the_study_goes_on(tmp_path, ctx, monkeypatch):
+    real = study_mod.train_trials
+
+    def broken(base, specs, *args, **kwargs):
+        if specs[0].lora.r == 4:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", broken)
+    report = run(experiment(RANK3, tmp_path), RANK3, ctx)
+    assert [o.state for o in report.outcomes] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert report.outcomes[-1].reason == "RuntimeError: CUDA error: device-side assert triggered"
+
+
+def test_a_trial_enqueued_with_invalid_params_fails_alone(tmp_path, ctx, trained):
+    exp = experiment(RANK3, tmp_path, study={"n_trials": 1})
+    run(exp, RANK3, ctx)
+    study = optuna.load_study(study_name=study_name(exp, RANK3), storage=open_storage(storage_url(exp)))
+    study.enqueue_trial({"r": 0, "seed": 0})  # by hand, outside the space
+    trained.clear()
+    report = run(experiment(RANK3, tmp_path), RANK3, ctx)
+    assert report.outcomes[0].state == "FAIL"
+    assert report.outcomes[0].reason.startswith("invalid trial params {'r': 0, 'seed': 0}: ")
+    assert cells(trained) == [(2, 0), (4, 0)] and report.remaining == 0
+
+
+# ----------------------------------------------------------------------------- sampled and mixed spaces
+
+
+def test_sampled_space_repeats_each_configuration_per_seed(tmp_path, ctx, trained):
+    space = parse_space({"axes": {"train.lr": {"log_uniform": [1e-4, 1e-2]}}, "samples": 3,
+                         "startup_trials": 2}, "lr3")
+    exp = experiment(space, tmp_path, study={"seeds": 2})
+    report = run(exp, space, ctx)
+    assert len(trained) == 6 and report.remaining == 0
+    by_lr = {}
+    for s in trained:
+        by_lr.setdefault(s.train.lr, []).append(s.train.seed)
+    assert len(by_lr) == 3 and all(sorted(v) == [0, 1] for v in by_lr.values())
+    assert all(1e-4 <= lr <= 1e-2 for lr in by_lr)
+
+    trained.clear()
+    assert run(exp, space, ctx).outcomes == [] and trained == []
+    # --n-trials on a finished sampled space: new configurations, each with all its seeds
+    run(experiment(space, tmp_path, study={"seeds": 2, "n_trials": 2}), space, ctx)
+    assert len(trained) == 2 and trained[0].train.lr == trained[1].train.lr not in by_lr
+    assert sorted(s.train.seed for s in trained) == [0, 1]
+
+
+def test_mixed_space_samples_inside_every_grid_cell(tmp_path, ctx, trained):
+    space = parse_space({"axes": {"lora.r": {"grid": [1, 4]}, "train.lr": {"log_uniform": [1e-4, 1e-2]}},
+                         "samples": 2, "startup_trials": 1}, "rank_lr")
+    report = run(experiment(space, tmp_path), space, ctx)
+    assert report.remaining == 0 and len(trained) == 4
+    per_rank = {}
+    for s in trained:
+        per_rank.setdefault(s.lora.r, set()).add(s.train.lr)
+    assert {r: len(lrs) for r, lrs in per_rank.items()} == {1: 2, 4: 2}
+
+
+def test_pruning_stops_a_trial_that_lags_the_median(tmp_path, ctx):
+    space = parse_space({"axes": {"train.lr": {"grid": [3e-2, 2e-2, 1e-2, 1e-9]}}}, "prune")
+    exp = experiment(space, tmp_path, train={"steps": 4}, eval={"every": 1}, study={"pruner": "median"})
+    every_step = Evaluator(ctx.evaluator.sets, ctx.base.tokenizer, exp.data, exp.eval)
+    report = run(exp, space, dataclasses.replace(ctx, evaluator=every_step))
+    states = {o.params["lr"]: o.state for o in report.outcomes}
+    assert states == {3e-2: "COMPLETE", 2e-2: "COMPLETE", 1e-2: "COMPLETE", 1e-9: "PRUNED"}
+    pruned = next(o for o in report.outcomes if o.state == "PRUNED")
+    assert pruned.reason.startswith("pruned at step ") and pruned.result.evals
+
+
+def test_packs_of_trials_go_to_the_packed_engine(tmp_path, ctx, monkeypatch):
+    calls = []
+    real = study_mod.train_trials
+
+    def spy(base, specs, *args, **kwargs):
+        calls.append((sorted(s.lora.r for s in specs), kwargs.get("packed")))
+        return real(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", spy)
+    report = run(experiment(RANK3, tmp_path, study={"pack": "2"}), RANK3, ctx)
+    assert calls == [([1, 2], True), ([4], True)]
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 3
+    assert len({o.value for o in report.outcomes}) == 3
+
+
+# ----------------------------------------------------------------------------- one worker, many trials
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_and_base_are_unchanged_across_trials(tmp_path, ctx):
+    space = parse_space({"axes": {"lora.r": {"grid": list(range(1, 11))}}}, "rank10")
+    exp = experiment(space, tmp_path, tracking={"enabled": True})
+    model = ctx.base.model
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    n_modules = len(list(model.modules()))
+    seen = []
+
+    def check(outcome):
+        m = ctx.base.model
+        assert m is model, "the base model object was replaced"
+        assert len(list(m.modules())) == n_modules, "modules left behind by the trial"
+        params = dict(m.named_parameters())
+        assert params.keys() == before.keys()
+        for n, (ptr, value) in before.items():
+            assert params[n].data_ptr() == ptr and torch.equal(params[n], value), n
+            assert not params[n].requires_grad
+        seen.append(rss_mb())
+
+    from lora_ablate.tracking import make_tracker
+
+    report = run(exp, space, ctx, tracker=make_tracker(exp), on_trial=check)
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 10 and len(seen) == 10
+    # trial 1 warms allocator and caches up; from trial 2 on nothing may accumulate
+    assert seen[-1] - seen[1] < 30, f"RSS grew across trials: {[round(x) for x in seen]}"
+
+
+# ----------------------------------------------------------------------------- checks and the command line
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, ctx):
+    run(experiment(RANK3, tmp_path, study={"n_trials": 1}), RANK3, ctx)
+    with pytest.raises(UserError, match=r"was run with train\.steps=3 \(now 4\): use --study-name NEW"):
+        run(experiment(RANK3, tmp_path, train={"steps": 4}), RANK3, ctx)
+    with pytest.raises(UserError, match="optimises heldout_instances/nll"):
+        run(experiment(RANK3, tmp_path, study={"objective": "heldout_instances/ppl", "direction": "maximize"}),
+            RANK3, ctx)
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"pruner": "median"}, "prunes on intermediate held-out loss; set eval.every=N"),
+    ({"objective": "heldout_tasks/nll"}, "'heldout_tasks' is not a held-out set of this experiment"),
+    ({"objective": "heldout_instances/exact_match"}, "scores generations, but eval.generate=false"),
+    ({"objective": "heldout_instances/bleu"}, "unknown metric 'bleu'; choose one of: nll, ppl"),
+])
+def test_bad_study_settings(tmp_path, study, message):
+    with pytest.raises(UserError, match=message):
+        study_mod.check_study(experiment(RANK3, tmp_path, study=study), RANK3)
+
+
+def cli_args(ws, space_file):
+    return ["--workspace", str(ws), "--space", str(space_file), "--quiet", "model.name=tiny-llama",
+            "data.train_size=32", "data.max_length=64", "train.steps=2", "train.batch_size=4", "eval.size=4",
+            "eval.generate=false", "eval.sets=[heldout_instances]", "eval.base=false"]
+
+
+def test_cli_study_without_tracking_then_status(tmp_path, capsys):
+    space_file = tmp_path / "two.yaml"
+    space_file.write_text("axes:\n  lora.r: {grid: [1, 2]}\n")
+    ws = tmp_path / "ws"
+    assert main(["study", "--no-tracking", "--seeds", "2", *cli_args(ws, space_file)]) == 0
+    out = capsys.readouterr().out
+    assert "study two-tiny-llama: this run 4 trial(s) (4 complete)" in out
+    assert sorted(p.name for p in ws.iterdir()) == ["optuna.db"]  # --no-tracking: no MLflow store
+
+    assert main(["status", "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "study two-tiny-llama  space two  objective heldout_instances/nll (minimize)  4 trials: 4 COMPLETE" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert sorted((int(r[3]), int(r[4])) for r in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r[1] == "COMPLETE" for r in rows)
+
+    assert main(["status", "--workspace", str(ws), "--study", "nope"]) == 2
+    assert "unknown study 'nope'" in capsys.readouterr().err
+
+
+def test_cli_bad_input_writes_nothing(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    space_file = tmp_path / "two.yaml"
+    space_file.write_text("axes:\n  lora.r: {grid: [1, 2]}\n")
+    for extra in (["--pruner", "median"], ["--objective", "nope/nll"], ["--seeds", "0"], ["lora.r=4"],
+                  ["--storage", "optuna.db"]):
+        assert main(["study", *cli_args(ws, space_file), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert main(["status", "--workspace", str(ws)]) == 2
+    assert "no Optuna storage" in capsys.readouterr().err
+    assert not ws.exists()
+
+
+def test_sigterm_ends_a_study_like_ctrl_c():
+    import signal
+
+    from lora_ablate.commands.study import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives before this ends
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,214 @@
+"""MLflow records of a study, by docs/tracking.md: one parent run per invocation, a nested run per trial
+with the documented params, metrics, tags and artifacts; failed and stale trials; the ``ui`` server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from lora_ablate import engine
+from lora_ablate import study as study_mod
+from lora_ablate.commands.study import open_ui
+from lora_ablate.context import build_context
+from lora_ablate.evaluation import token_nll
+from lora_ablate.spaces import parse_space, study_experiment
+from lora_ablate.study import open_storage, run_study, storage_url, study_name
+from lora_ablate.tracking import StudyInfo, TrialRecord, default_uri, make_tracker, redact, trial_params
+
+BASE = {
+    "model": {"name": "tiny-llama"},
+    "data": {"train_size": 32, "max_length": 64},
+    "train": {"steps": 3, "batch_size": 4, "lr": 3e-3, "log_every": 1},
+    "eval": {"sets": ["heldout_instances"], "size": 4, "batch_size": 4, "max_new_tokens": 4},
+}
+RANK3 = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "rank3")
+DOC_PARAMS = {"r", "alpha", "alpha_rule", "scaling", "lr", "targets", "seed", "steps", "trainable_params"}
+FINAL = {f"final/heldout_instances/{m}" for m in ("nll", "ppl", "exact_match", "rouge_l", "n")}
+
+
+def experiment(space, ws: Path, **sections):
+    settings = copy.deepcopy(BASE)
+    settings["study"] = {"workspace": str(ws)}
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    return study_experiment(space, None, [], settings)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return build_context(experiment(RANK3, tmp_path_factory.mktemp("ctx")))
+
+
+@pytest.fixture(scope="module")
+def rank_study(tmp_path_factory, ctx):
+    """A 3 ranks x 2 seeds study, tracked in a fresh workspace: (experiment, report, client)."""
+    ws = tmp_path_factory.mktemp("tracked") / "ws"
+    exp = experiment(RANK3, ws, study={"seeds": 2})
+    report = run_study(exp, RANK3, tracker=make_tracker(exp), context=ctx, progress=False)
+    return exp, report, MlflowClient(tracking_uri=default_uri(ws))
+
+
+def runs_of(client, name):
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("lora_ablate.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("lora_ablate.kind") == "trial"]
+    return experiment, parents, trials
+
+
+def artifacts(client, run_id, path=None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_one_parent_and_a_nested_run_per_trial(rank_study):
+    exp, report, client = rank_study
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 6
+    experiment_, parents, trials = runs_of(client, report.name)
+    assert experiment_.artifact_location.startswith((Path(exp.study.workspace).resolve() / "artifacts").as_uri())
+    assert len(parents) == 1 and len(trials) == 6
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("study-")
+    tags = parent.data.tags
+    assert tags["lora_ablate.space"] == "rank3" and tags["lora_ablate.study"] == report.name
+    assert tags["lora_ablate.model"] == "tiny-llama" and tags["lora_ablate.data"] == "builtin:train"
+    assert tags["lora_ablate.objective"] == "heldout_instances/nll" and tags["lora_ablate.direction"] == "minimize"
+    assert tags["lora_ablate.git_sha"] and tags["lora_ablate.device"] == "cpu"
+    for package in ("torch", "transformers", "peft", "optuna", "mlflow"):
+        assert tags[f"lora_ablate.version.{package}"], package
+    assert {"base/heldout_instances/nll", "base/heldout_instances/exact_match"} <= parent.data.metrics.keys()
+    assert parent.data.metrics["trials/complete"] == 6
+    assert artifacts(client, parent.info.run_id) == {"base_scores.jsonl"}
+
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert sorted(r.info.run_name for r in trials) == sorted(f"trial-{o.number}" for o in report.outcomes)
+
+
+def test_trial_runs_hold_the_documented_params_metrics_tags_and_artifacts(rank_study):
+    exp, report, client = rank_study
+    _, _, runs = runs_of(client, report.name)
+    optuna_trials = {t.number: t for t in optuna.load_study(
+        study_name=report.name, storage=open_storage(storage_url(exp))).get_trials()}
+    cfg_keys = {f"cfg.{k}" for k in exp.flat()}
+    seen = set()
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        number = int(tags["lora_ablate.trial_number"])
+        trial = optuna_trials[number]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # and back
+        assert tags["lora_ablate.state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert tags["lora_ablate.config_key"] == trial.user_attrs["config_key"]
+        assert tags["lora_ablate.study"] == report.name and tags["lora_ablate.optuna_storage"].startswith("sqlite:")
+        assert DOC_PARAMS | cfg_keys <= params.keys()
+        assert int(params["r"]) == trial.params["r"] and int(params["seed"]) == trial.params["seed"]
+        assert params["targets"] == "q,v" and params["alpha_rule"] == "rank" and float(params["scaling"]) == 1.0
+        assert int(params["trainable_params"]) > 0 and params["cfg.lora.r"] == params["r"]
+        seen.add((int(params["r"]), int(params["seed"])))
+
+        assert FINAL | {"train/loss", "train/lr", "tokens_per_s", "train_s", "wall_s"} <= metrics.keys()
+        assert metrics["final/heldout_instances/nll"] == pytest.approx(trial.value)
+        assert trial.user_attrs["final/heldout_instances/nll"] == pytest.approx(trial.value)
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [1, 2, 3]
+
+        files = artifacts(client, run.info.run_id)
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "scores.jsonl",
+                "config.yaml", "history.jsonl"} <= files
+        local = Path(client.download_artifacts(run.info.run_id, "", None))
+        config = yaml.safe_load((local / "config.yaml").read_text())
+        assert config["lora"]["r"] == trial.params["r"] and config["train"]["seed"] == trial.params["seed"]
+        rows = [json.loads(line) for line in (local / "scores.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and {"set", "idx", "family", "nll", "tokens", "exact_match", "rouge_l",
+                                   "prediction"} <= rows[0].keys()
+        history = [json.loads(line) for line in (local / "history.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in history if h["kind"] == "train"] == [1, 2, 3]
+        adapter = json.loads((local / "adapter" / "adapter_config.json").read_text())
+        assert adapter["r"] == trial.params["r"]
+    assert seen == {(r, s) for r in (1, 2, 4) for s in (0, 1)}
+
+
+def test_trial_params_are_stable_and_redact_secrets(make_exp):
+    exp = make_exp(lora={"r": 4, "alpha_rule": "free", "alpha": 8.0, "targets": ["v", "q"]},
+                   study={"storage": "postgresql://me:hunter2@db/optuna"})
+    params = trial_params(exp, {"r": 4, "seed": 0, "dropout": 0.1})
+    assert params["r"] == "4" and params["alpha"] == "8.0" and params["scaling"] == "2.0"
+    assert params["targets"] == "q,v" and params["dropout"] == "0.1"
+    assert params["cfg.study.storage"] == "postgresql://me:***@db/optuna"
+    assert "hunter2" not in json.dumps(params)
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def nan_loss(logits, labels):
+    nll, mask = token_nll(logits, labels)
+    return nll * float("nan"), mask
+
+
+def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx, monkeypatch):
+    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(study_mod, "GRACE_S", 1)
+    space = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "fails")
+    ws = tmp_path / "ws"
+    exp = experiment(space, ws, eval={"generate": False, "base": False}, study={"n_trials": 2})
+    real = study_mod.train_trials
+
+    def poisoned(base, specs, *args, **kwargs):
+        with monkeypatch.context() as m:
+            if specs[0].lora.r == 2:
+                m.setattr(engine, "token_nll", nan_loss)
+            return real(base, specs, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train_trials", poisoned)
+    report = run_study(exp, space, tracker=make_tracker(exp), context=ctx, progress=False)
+    assert [o.state for o in report.outcomes] == ["COMPLETE", "FAIL"]
+    client = MlflowClient(tracking_uri=default_uri(ws))
+    failed = client.get_run(report.outcomes[1].run_id)
+    assert failed.info.status == "FAILED" and failed.data.tags["lora_ablate.state"] == "FAIL"
+    assert "nan" in failed.data.tags["lora_ablate.fail_reason"]
+    files = artifacts(client, failed.info.run_id)
+    assert "config.yaml" in files and "history.jsonl" in files and not any(f.startswith("adapter") for f in files)
+
+    # a worker dies inside r=4 with its MLflow run open; the next invocation closes that run as failed
+    storage = open_storage(storage_url(exp))
+    dead_study = optuna.load_study(study_name=study_name(exp, space), storage=storage)
+    dead_study.enqueue_trial({"r": 4, "seed": 0})
+    dead = dead_study.ask()
+    tracker = make_tracker(exp)
+    tracker.start_study(StudyInfo(report.name, "fails", "heldout_instances/nll", "minimize", "x", exp))
+    dead_run = tracker.start_trial(TrialRecord(dead.number, {"r": 4, "seed": 0}, exp))
+    dead.set_user_attr("mlflow_run_id", dead_run)
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.2)
+    monkeypatch.setattr(study_mod, "train_trials", real)
+    report = run_study(experiment(space, ws, eval={"generate": False, "base": False}), space,
+                       tracker=make_tracker(exp), context=ctx, progress=False)
+    stale = client.get_run(dead_run)
+    assert stale.info.status == "FAILED" and "no heartbeat" in stale.data.tags["lora_ablate.fail_reason"]
+    assert sorted((o.params["r"], o.state) for o in report.outcomes) == [(2, "COMPLETE"), (4, "COMPLETE")]
+
+
+def test_ui_serves_the_study_over_the_mlflow_rest_api(rank_study):
+    exp, report, _ = rank_study
+    with open_ui(Path(exp.study.workspace)) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=100") as r:
+            experiments = {e["name"]: e for e in json.load(r)["experiments"]}
+        assert report.name in experiments
+        body = json.dumps({"experiment_ids": [experiments[report.name]["experiment_id"]]}).encode()
+        req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            runs = json.load(r)["runs"]
+        kinds = sorted(next(t["value"] for t in run["data"]["tags"] if t["key"] == "lora_ablate.kind")
+                       for run in runs)
+        assert kinds == ["study"] + ["trial"] * 6
+    assert server.process.poll() is not None, "the UI server outlived its context"
