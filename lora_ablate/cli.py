@@ -84,6 +84,8 @@ def _extra_commands():
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # packs allocate large, varying logits tensors; without this the CUDA cache fragments
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # keep the terminal (and one-line errors) free of import-time noise from dependencies
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults, which the single path uses
 CLIP_EPS = 1e-6  # clip_grad_norm_'s max_norm / (norm + 1e-6)
-MAX_PACK = 64  # auto never packs more: by then a step is long and compute-bound already
+MAX_PACK = 32  # measured on an H200: aggregate tokens/s flattens between 16 and 32 (docs/benchmarks.md)
 CPU_PACK = 4  # auto on a CPU: time, not memory, is the limit there, and gains flatten after a few trials
 GENERATE_ROWS = 4  # generation holds a KV cache, not full logits: this many times a step's rows at once
 _CAUSAL_IMPL = "lora_ablate_causal_sdpa"
@@ -909,13 +909,14 @@ def _finish(pack: _Pack, done: list[_Slot], evaluator, leaving: list, on_result)
 
 
 def auto_pack_size(base: LoadedModel, specs_example: TrialSpec | Sequence[TrialSpec], data: Encoded, *,
-                   limit: int = MAX_PACK, headroom: float = 0.9) -> int:
+                   limit: int = MAX_PACK, headroom: float = 0.6) -> int:
     """How many trials like ``specs_example`` fit on the GPU together, measured rather than guessed.
 
     One training step of a probe pack of 1 and of 3 copies of the most demanding trial (largest rank,
     all targets, largest batch, on the longest training examples) gives the memory per trial and the
     fixed part; the pack is then as large as the free memory (times ``headroom``) allows, at most
-    ``limit``. Evaluation is grouped so that it never holds more rows than a training step. On a CPU
+    ``limit``. The headroom is generous because the probe cannot see allocator fragmentation: at 0.9
+    an H200 ran out of memory with 20 GiB reserved but unallocated. Evaluation is grouped so that it never holds more rows than a training step. On a CPU
     there is no memory to size from and packing gains little beyond a few trials: ``CPU_PACK``.
     """
     specs = [specs_example] if isinstance(specs_example, TrialSpec) else list(specs_example)
