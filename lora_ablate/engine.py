@@ -169,7 +169,7 @@ def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialH
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     running = torch.zeros((), device=device)  # summed on the device; read only at log steps (no per-step sync)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, eval_seconds = 0, time.perf_counter(), 0.0  # held-out evals are not training time
     bar = tqdm(total=tc.steps, desc=spec.name, disable=not progress, leave=False, mininterval=1.0)
     for step in range(1, tc.steps + 1):
         for _ in range(tc.grad_accum):
@@ -195,15 +195,17 @@ def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialH
                 raise TrialFailed(f"training loss became {mean_loss} by step {step}")
             values = {"loss": mean_loss, "lr": sched.get_last_lr()[0]}
             result.history.append({"step": step, **values})
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0 - eval_seconds
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             hooks.on_train_log(spec, step, values)
         if evaluator is not None and evaluator.cfg.every and step % evaluator.cfg.every == 0 and step < tc.steps:
+            t_eval = time.perf_counter()
             values = {f"{name}/nll": v[0] for name, v in evaluator.nll(model, device).items()}
+            eval_seconds += time.perf_counter() - t_eval
             result.evals.append({"step": step, **values})
             hooks.on_eval(spec, step, values)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    result.tokens, result.train_seconds = tokens, time.perf_counter() - t0
+    result.tokens, result.train_seconds = tokens, time.perf_counter() - t0 - eval_seconds
