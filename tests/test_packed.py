@@ -318,6 +318,19 @@ def test_failed_and_pruned_trials_leave_and_free_slots_are_refilled(base, padded
     assert [r.spec.name for r in done][:2] == ["diverges", "pruned"]
 
 
+def test_refill_into_modules_a_live_trial_adapts(base, padded, evaluator, references):
+    """A newcomer whose targets overlap a trial still in the pack (q, v inside q, k, v, o) initialises its
+    A from the base projections under the pack's wrappers, and still matches its single-path reference."""
+    short = spec("short", r=2, targets=("q", "v"), steps=2, log_every=1, seed=7)
+    queue = [MIXED[0]]
+    results = train_packed(base, [MIXED[1], short], padded, evaluator, progress=False,
+                           refill=lambda: queue.pop() if queue else None)
+    by_name = {r.spec.name: r for r in results}
+    assert by_name["short"].status == "ok"
+    assert_same_trial(references["qv-r2"], by_name["qv-r2"])
+    assert_same_trial(references["qkvo-free"], by_name["qkvo-free"])
+
+
 def test_too_little_data_fails_only_that_trial(base, padded):
     greedy = spec("too-big", r=2, batch_size=len(padded) + 1)
     results = train_packed(base, [greedy, MIXED[0]], padded, None, progress=False)

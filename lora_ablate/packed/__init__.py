@@ -1,0 +1,57 @@
+"""Packed trials: K LoRA trials trained together in one pass over the shared frozen base.
+
+The K trials' batches are stacked along the batch dimension (trial-major: rows ``k*b .. (k+1)*b`` belong to
+trial k). The frozen base runs once per micro-batch over the whole stack; every adapted projection is
+replaced for the pack's lifetime by a :class:`PackedLoraLinear` that adds each trial's own low-rank update
+to that trial's rows with two batched matrix products over stacked A [K, r, in] and B [K, out, r].
+
+What a trial keeps to itself, exactly as on the single path (``engine.train_one``):
+  rank (zero-padded to the pack's largest, padding provably stays zero: its gradients are exactly 0),
+  alpha rule and scale, targets (a projection the trial does not adapt has scale 0 and zero weights),
+  learning rate and schedule, weight decay, seed (LoRA A init reproduces peft's RNG calls), init, data
+  order (``batch_order`` with its seed), batch size (short trials get all-masked filler rows), gradient
+  accumulation, token-mean loss per micro-batch, gradient clipping and AdamW state, dropout rate.
+
+All trainable state of the pack lives in four flat fp32 tensors of shape [numel, K] (weights, gradients,
+AdamW's two moments; trial-minor, so each module's block is a dense, permuted view and its gradient can
+alias the flat gradient under autograd's layout contract); each module's A and B are leaf views into
+them. So the optimiser, the per-trial gradient norm and the clipping are a dozen whole-pack tensor
+operations whatever K and the number of modules, and no per-step value ever leaves the device
+(schedules and data order are precomputed on it).
+
+A trial that diverges, is pruned or finishes leaves the pack: its column is dropped and the surviving
+columns are copied, bit for bit, into a re-laid-out pack (a new trial may take the slot, see ``refill``).
+
+K = 1 is the fast single trial: the same code with peft's own operations for the adapter product and
+``clip_grad_norm_``, so on CPU in fp32 its losses and weights equal ``train_one``'s bit for bit on
+unpadded batches. (On right-padded batches the pack attends causally without a padding mask, which is
+exact in arithmetic but not the same SDPA kernel: differences in the last bits.)
+
+The package, one module a part:
+  ``layers``     PackedLoraLinear, the batched LoRA projection installed on each adapted module
+  ``layout``     where each trial's A and B sit in the flat [numel, K] tensors; carrying survivors over
+  ``slot``       one trial: spec, result, precomputed data order, token counts and learning rates
+  ``init``       peft-identical LoRA A initialisation
+  ``data``       the training set on the device
+  ``optim``      per-trial gradient clipping and AdamW on the flat state
+  ``attention``  causal SDPA without a padding mask for training forwards
+  ``compiled``   torch.compile'd repeated blocks for training steps
+  ``pack``       _Pack: install, bind, relayout, the step plan and one optimizer step
+  ``evaluate``   packed held-out NLL and generation, per-trial EvalReports
+  ``export``     a trial as a stock peft adapter directory
+  ``train``      train_packed: joining, the step loop, logging, evaluation, leaving, refill
+  ``sizing``     auto_pack_size / fit_pack
+"""
+
+from lora_ablate.packed.evaluate import GENERATE_ROWS, packed_generate, packed_nll, packed_reports
+from lora_ablate.packed.export import export_adapter
+from lora_ablate.packed.init import initial_A
+from lora_ablate.packed.layers import PackedLoraLinear
+from lora_ablate.packed.optim import BETA1, BETA2, CLIP_EPS, EPS
+from lora_ablate.packed.pack import _Pack  # noqa: F401 - tests drive a pack step by step
+from lora_ablate.packed.sizing import CPU_PACK, MAX_PACK, auto_pack_size, fit_pack
+from lora_ablate.packed.train import _join, train_packed  # noqa: F401 - _join: as above
+
+__all__ = ["BETA1", "BETA2", "CLIP_EPS", "CPU_PACK", "EPS", "GENERATE_ROWS", "MAX_PACK", "PackedLoraLinear",
+           "auto_pack_size", "export_adapter", "fit_pack", "initial_A", "packed_generate", "packed_nll",
+           "packed_reports", "train_packed"]

@@ -1,0 +1,114 @@
+"""Packed evaluation: held-out NLL and greedy generation for several trials of a pack at once, each
+group of trials over the same stacked batch, giving ``Evaluator.run``'s reports per trial."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_ablate.evaluation import GEN_METRICS, EvalReport, Evaluator, left_padded, token_nll
+from lora_ablate.packed.pack import _Pack
+from lora_ablate.packed.slot import _Slot
+
+GENERATE_ROWS = 4  # generation holds a KV cache, not full logits: this many times a step's rows at once
+
+
+def _eval_groups(pack: _Pack, slots: list[_Slot], eval_batch: int, factor: int = 1) -> list[list[_Slot]]:
+    """Slots evaluated together: at most ``factor`` times the rows of a training step per forward, so
+    scoring (full-vocabulary logits per token, like training) never needs more memory than training;
+    generation keeps only the last position's logits and passes ``factor`` > 1."""
+    train_rows = len(pack.slots) * max(s.train.batch_size for s in pack.slots)
+    g = max(1, factor * train_rows // max(1, eval_batch))
+    return [slots[i:i + g] for i in range(0, len(slots), g)]
+
+
+@torch.no_grad()
+def packed_nll(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[dict]:
+    """``Evaluator.nll`` for each slot, all slots of a group over the same held-out batch at once."""
+    out: list[dict] = []
+    model, device, pad = pack.model, pack.device, evaluator.tokenizer.pad_token_id
+    model.eval()
+    try:
+        for group in _eval_groups(pack, slots, evaluator.cfg.batch_size):
+            g, res = len(group), [dict() for _ in group]
+            with pack.selected(group):
+                for s in evaluator.sets:
+                    enc = evaluator.encoded[s.name]
+                    per_ex, counts = [[] for _ in group], [[] for _ in group]
+                    for start in range(0, len(enc), evaluator.cfg.batch_size):
+                        idx = list(range(start, min(start + evaluator.cfg.batch_size, len(enc))))
+                        b = enc.batch(idx, pad, device)
+                        logits = model(input_ids=b["input_ids"].repeat(g, 1),
+                                       attention_mask=b["attention_mask"].repeat(g, 1)).logits
+                        tok, mask = token_nll(logits, b["labels"].repeat(g, 1))
+                        ex = (tok.sum(1) / mask.sum(1).clamp(min=1)).view(g, -1).tolist()
+                        n = mask.sum(1).view(g, -1).tolist()
+                        for k in range(g):
+                            per_ex[k] += ex[k]
+                            counts[k] += n[k]
+                    for k in range(g):
+                        total = sum(a * c for a, c in zip(per_ex[k], counts[k])) / max(1, sum(counts[k]))
+                        res[k][s.name] = (total, per_ex[k], counts[k])
+            out += res
+    finally:
+        model.train()
+    return out
+
+
+@torch.no_grad()
+def packed_generate(pack: _Pack, evaluator: Evaluator, slots: list[_Slot], name: str) -> list[list[str]]:
+    """``Evaluator.generate`` (greedy, left-padded, cut at '###') for each slot; each group of slots
+    decodes the same prompts together through HF ``generate`` on the stacked batch."""
+    tok, cfg = evaluator.tokenizer, evaluator.cfg
+    prompts = evaluator.prompts[name]
+    out: list[list[str]] = []
+    model = pack.model
+    model.eval()
+    try:
+        for group in _eval_groups(pack, slots, cfg.batch_size, factor=GENERATE_ROWS):
+            g, preds = len(group), [[] for _ in group]
+            with pack.selected(group):
+                for start in range(0, len(prompts), cfg.batch_size):
+                    chunk = prompts[start:start + cfg.batch_size]
+                    ids, mask = left_padded(chunk, tok.pad_token_id)
+                    width = ids.shape[1]
+                    gen = model.generate(input_ids=ids.repeat(g, 1).to(pack.device),
+                                         attention_mask=mask.repeat(g, 1).to(pack.device), do_sample=False,
+                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)
+                    rows = gen[:, width:].view(g, len(chunk), -1)
+                    for k in range(g):
+                        preds[k] += [tok.decode(row, skip_special_tokens=True).split("###")[0].strip()
+                                     for row in rows[k]]
+            out += preds
+    finally:
+        model.train()
+    return out
+
+
+def packed_reports(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[EvalReport]:
+    """``Evaluator.run`` for each slot: per-set NLL/ppl (and generation metrics), per-example rows."""
+    from lora_ablate.metrics import score
+
+    nlls = packed_nll(pack, evaluator, slots)
+    reports = [EvalReport() for _ in slots]
+    for s in evaluator.sets:
+        preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.cfg.generate else None
+        refs = [ex.output for ex in s.examples]
+        for k, report in enumerate(reports):
+            mean_nll, per_ex, counts = nlls[k][s.name]
+            m = {"nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)), "n": float(len(per_ex))}
+            rows = [{"set": s.name, "idx": i, "family": ex.family, "nll": per_ex[i], "tokens": counts[i]}
+                    for i, ex in enumerate(s.examples)]
+            if preds is not None:
+                for metric in GEN_METRICS:
+                    mean, scores = score(metric, preds[k], refs)
+                    m[metric] = mean
+                    for row, sc in zip(rows, scores):
+                        row[metric] = sc
+                for row, p in zip(rows, preds[k]):
+                    row["prediction"] = p
+            report.metrics[s.name] = m
+            report.examples += rows
+    return reports

@@ -1,0 +1,42 @@
+"""LoRA A initialisation identical to peft's: the same RNG calls, shapes and order as ``get_peft_model``."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from lora_ablate.engine import TrialSpec
+from lora_ablate.models import LoadedModel
+from lora_ablate.packed.layers import PackedLoraLinear, _features
+
+
+def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The LoRA A matrices peft's ``get_peft_model`` creates for ``spec`` after ``torch.manual_seed(seed)``.
+
+    peft builds, per adapted module in model order, ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (each
+    constructor draws a Kaiming-uniform init from the CPU generator), then re-draws A (Kaiming-uniform
+    a=sqrt(5), or normal std 1/r) and zeroes B; the weights are then cast to the base layer's dtype and
+    upcast back to fp32 (peft's autocast_adapter_dtype). Same calls, same shapes, same order here.
+    """
+    r = spec.lora.r
+    torch.manual_seed(spec.train.seed)  # as train_one does right before get_peft_model
+    out = {}
+    for name in module_names:
+        layer = base.model.get_submodule(name)
+        if isinstance(layer, PackedLoraLinear):  # a trial joining a live pack (refill): the base is inside
+            layer = layer.base_layer
+        in_f, out_f = _features(layer)
+        a = torch.empty(r, in_f)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r) constructor
+        torch.nn.init.kaiming_uniform_(torch.empty(out_f, r), a=math.sqrt(5))  # nn.Linear(r, out) constructor
+        if spec.lora.init == "default":
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            torch.nn.init.normal_(a, std=1 / r)
+        weight_dtype = getattr(getattr(layer, "weight", None), "dtype", torch.float32)
+        if weight_dtype in (torch.float16, torch.bfloat16):
+            a = a.to(weight_dtype).float()
+        out[name] = a
+    return out

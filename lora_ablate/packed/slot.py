@@ -1,0 +1,56 @@
+"""One trial inside the pack: its spec and result, and its data order, token counts and learning rates
+precomputed from the spec exactly as the single path (``engine.train_one``) derives them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from lora_ablate.data import Encoded
+from lora_ablate.engine import TrialResult, TrialSpec, batch_order, lr_lambda
+from lora_ablate.targets import TargetPlan
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One trial inside the pack: its spec, result and everything precomputed for it."""
+
+    spec: TrialSpec
+    result: TrialResult
+    plan: TargetPlan
+    batches: list[list[int]]  # steps * grad_accum micro-batches of example indices
+    widths: list[int]  # longest example of each micro-batch
+    tokens: list[int]  # real tokens of each optimizer step
+    lrs: list[float]  # learning rate used by optimizer step s (index s-1), as LambdaLR gives it
+    row: int | None = None  # the trial's index in the pack (column of the flat tensors); None until placed
+    done: int = 0  # optimizer steps taken
+    t0: float = 0.0
+
+    @property
+    def train(self):
+        return self.spec.train
+
+    @functools.cached_property
+    def modules(self) -> frozenset[str]:
+        return frozenset(self.plan.module_names)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.train.steps
+
+    def lr_after(self, step: int) -> float:
+        """What the single path logs at ``step``: LambdaLR's lr after ``step`` scheduler steps."""
+        return self.train.lr * lr_lambda(self.train)(step)
+
+
+def _make_slot(spec: TrialSpec, result: TrialResult, plan: TargetPlan, data: Encoded) -> _Slot:
+    tc = spec.train
+    order = batch_order(len(data), tc.batch_size, tc.seed)  # raises TrialFailed when data < batch
+    batches = [next(order) for _ in range(tc.steps * tc.grad_accum)]
+    lengths = [len(ids) for ids in data.input_ids]
+    widths = [max(lengths[i] for i in b) for b in batches]
+    per_micro = [sum(lengths[i] for i in b) for b in batches]
+    tokens = [sum(per_micro[s * tc.grad_accum:(s + 1) * tc.grad_accum]) for s in range(tc.steps)]
+    f = lr_lambda(tc)
+    lrs = [tc.lr * f(s) for s in range(tc.steps)]  # step s+1 runs with LambdaLR's lr after s steps
+    return _Slot(spec, result, plan, batches, widths, tokens, lrs)

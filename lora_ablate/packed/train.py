@@ -1,0 +1,189 @@
+"""``train_packed``: trials joining the pack, the step loop, logging, intermediate and final evaluation,
+trials leaving (finished, failed, pruned) and free slots refilled."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from lora_ablate.data import Encoded
+from lora_ablate.engine import TrialFailed, TrialHooks, TrialPruned, TrialResult, TrialSpec
+from lora_ablate.evaluation import Evaluator
+from lora_ablate.models import LoadedModel
+from lora_ablate.packed.evaluate import packed_nll, packed_reports
+from lora_ablate.packed.export import export_adapter
+from lora_ablate.packed.pack import _Pack
+from lora_ablate.packed.slot import _make_slot, _Slot
+
+
+def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, evaluator: Evaluator | None = None,
+                 hooks: TrialHooks | None = None, progress: bool = True, *,
+                 refill: Callable[[], TrialSpec | None] | None = None,
+                 on_result: Callable[[TrialResult], None] | None = None,
+                 compile: bool = False, lora_dtype: torch.dtype | None = None) -> list[TrialResult]:
+    """Train ``specs`` together in one pack; one TrialResult per trial, in the order trials joined.
+
+    ``refill()`` is asked for a new spec whenever a trial leaves the pack (finished, failed, pruned), and
+    the new trial takes the free slot (None: the pack shrinks). ``on_result(result)`` is called as soon as
+    each trial is done, before the rest of the pack finishes. ``compile`` runs the model's repeated blocks
+    through torch.compile while training (falling back to eager if compilation fails). ``lora_dtype`` is
+    the dtype of the adapter products: None computes them in the activations' dtype (bf16 on a bf16 base,
+    like autocast) on fp32 master weights; ``torch.float32`` casts the activations up as peft does.
+    """
+    hooks = hooks or TrialHooks()
+    if not specs:
+        return []
+    results: list[TrialResult] = []
+    pack = _Pack(base, data, lora_dtype, compile and not any(s.train.gradient_checkpointing for s in specs))
+    checkpointing = any(s.train.gradient_checkpointing for s in specs)
+    if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        joining = [_join(spec, pack, results, on_result) for spec in specs]
+        slots = [s for s in joining if s is not None]
+        while not slots and refill is not None and (spec := refill()) is not None:
+            slots = [s for s in [_join(spec, pack, results, on_result)] if s is not None]
+        if slots:
+            _run(pack, slots, evaluator, hooks, progress, refill, results, on_result)
+    finally:
+        pack.close()
+        if checkpointing:
+            base.model.gradient_checkpointing_disable()
+        base.model.eval()
+        if base.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _join(spec: TrialSpec, pack: _Pack, results: list, on_result) -> _Slot | None:
+    """A slot for ``spec``, or None if it failed before it could start (e.g. too little data)."""
+    plan = pack.plan(spec.lora.targets)  # a bad target raises UserError, as on the single path
+    result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
+    results.append(result)
+    try:
+        slot = _make_slot(spec, result, plan, pack.encoded)
+    except TrialFailed as e:
+        result.status, result.error = "failed", str(e)
+        if on_result:
+            on_result(result)
+        return None
+    result.trainable_params = sum(spec.lora.r * sum(pack.dims[n]) for n in slot.modules)
+    return slot
+
+
+def _run(pack: _Pack, slots: list[_Slot], evaluator, hooks: TrialHooks, progress: bool, refill,
+         results: list, on_result) -> None:
+    from tqdm.auto import tqdm
+
+    device = pack.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pack.model.train()
+    t0 = time.perf_counter()
+    for s in slots:
+        s.t0 = t0
+    pack.relayout(slots)
+    bar = tqdm(total=max(s.train.steps for s in slots), desc=f"pack of {len(slots)}", disable=not progress,
+               leave=False, mininterval=1.0)
+    while pack.slots:
+        try:
+            pack.step()
+        except torch.OutOfMemoryError as e:
+            for s in pack.slots:
+                _leave(s, "failed", " ".join(str(e).split())[:500], on_result, pack)
+            pack.slots = []
+            break
+        bar.update(1)
+        leaving = _after_step(pack, evaluator, hooks, on_result)
+        if leaving:
+            staying = [s for s in pack.slots if s not in leaving]
+            while refill is not None and len(staying) < len(pack.slots):
+                spec = refill()
+                if spec is None:
+                    break
+                slot = _join(spec, pack, results, on_result)
+                if slot is not None:
+                    slot.t0 = time.perf_counter()
+                    staying.append(slot)
+            if staying:
+                pack.relayout(staying)
+            else:
+                pack.slots = []
+    bar.close()
+
+
+def _after_step(pack: _Pack, evaluator, hooks: TrialHooks, on_result) -> list[_Slot]:
+    """Logging, intermediate evaluation and the end of trials after a step; returns the slots leaving."""
+    leaving: list[_Slot] = []
+    due = [s for s in pack.slots if s.done % s.train.log_every == 0 or s.finished]
+    for s, summed in zip(due, pack.take_running(due) if due else []):
+        mean_loss = summed / (s.done % s.train.log_every or s.train.log_every)
+        if not math.isfinite(mean_loss):
+            leaving.append(_leave(s, "failed", f"training loss became {mean_loss} by step {s.done}", on_result, pack))
+            continue
+        values = {"loss": mean_loss, "lr": s.lr_after(s.done)}
+        s.result.history.append({"step": s.done, **values})
+        _hook(s, leaving, on_result, pack, hooks.on_train_log, s.spec, s.done, values)
+    live = [s for s in pack.slots if s not in leaving]
+    if evaluator is not None and evaluator.cfg.every:
+        due = [s for s in live if s.done % evaluator.cfg.every == 0 and not s.finished]
+        if due:
+            for s, nll in zip(due, packed_nll(pack, evaluator, due)):
+                values = {f"{name}/nll": v[0] for name, v in nll.items()}
+                s.result.evals.append({"step": s.done, **values})
+                _hook(s, leaving, on_result, pack, hooks.on_eval, s.spec, s.done, values)
+    done = [s for s in pack.slots if s.finished and s not in leaving]
+    if done:
+        _finish(pack, done, evaluator, leaving, on_result)
+    return leaving
+
+
+def _hook(slot: _Slot, leaving: list, on_result, pack: _Pack, fn, *args) -> bool:
+    """Call a trial's hook; a TrialPruned/TrialFailed it raises ends that trial only."""
+    try:
+        fn(*args)
+        return True
+    except TrialPruned as e:
+        leaving.append(_leave(slot, "pruned", str(e) or "pruned", on_result, pack))
+    except TrialFailed as e:
+        leaving.append(_leave(slot, "failed", " ".join(str(e).split())[:500], on_result, pack))
+    return False
+
+
+def _leave(slot: _Slot, status: str, error: str, on_result, pack: _Pack) -> _Slot:
+    slot.result.status, slot.result.error = status, error
+    _stamp(slot, pack)
+    if on_result:
+        on_result(slot.result)
+    return slot
+
+
+def _stamp(slot: _Slot, pack: _Pack) -> None:
+    """Tokens, time and the trial's share of the pack's peak memory, as of now."""
+    if pack.device.type == "cuda":
+        torch.cuda.synchronize(pack.device)
+        slot.result.peak_mem_mb = torch.cuda.max_memory_allocated(pack.device) / 2**20 / max(1, pack.max_k)
+    slot.result.tokens = sum(slot.tokens[:slot.done])
+    slot.result.train_seconds = time.perf_counter() - slot.t0
+
+
+def _finish(pack: _Pack, done: list[_Slot], evaluator, leaving: list, on_result) -> None:
+    """Final evaluation (packed) and export of the trials that completed their steps."""
+    for s in done:
+        _stamp(s, pack)
+    try:
+        reports = packed_reports(pack, evaluator, done) if evaluator is not None else [None] * len(done)
+    except torch.OutOfMemoryError as e:
+        leaving += [_leave(s, "failed", " ".join(str(e).split())[:500], on_result, pack) for s in done]
+        return
+    for s, report in zip(done, reports):
+        s.result.final = report
+        if s.spec.adapter_dir is not None:
+            export_adapter(pack, s, s.spec.adapter_dir)
+            s.result.adapter_dir = s.spec.adapter_dir
+        leaving.append(s)
+        if on_result:
+            on_result(s.result)
