@@ -334,13 +334,19 @@ def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist")
+    return read_mapping(p, "config file", f"a mapping of sections ({choices(SECTIONS)})")
+
+
+def read_mapping(path: Path, what: str, shape: str) -> dict:
+    """The YAML mapping in the file at ``path`` (empty: {}); bad YAML or another shape is one UserError line
+    naming ``what`` the file is ("config file") and the ``shape`` it must have."""
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+        raise UserError(f"{what} {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"config file {str(p)!r} must be a mapping of sections ({choices(SECTIONS)})")
+        raise UserError(f"{what} {str(path)!r} must be {shape}")
     return raw
 
 

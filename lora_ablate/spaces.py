@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from lora_ablate.config import (ROLES, Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml,
-                                replace)
+                                read_mapping, replace)
 from lora_ablate.errors import UserError, choices
 
 SPACES_ENV = "LORA_ABLATE_SPACES"
@@ -227,14 +225,7 @@ def load_space(name_or_path: str) -> Space:
 
 
 def _read(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise UserError(f"space file {str(path)!r} is not valid YAML: {first}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"space file {str(path)!r} must be a mapping with keys: {choices(FILE_KEYS)}")
-    return raw
+    return read_mapping(path, "space file", f"a mapping with keys: {choices(FILE_KEYS)}")
 
 
 def parse_space(raw: dict, default_name: str, path: Path | None = None) -> Space:

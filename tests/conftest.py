@@ -150,3 +150,43 @@ ALPACA_ROWS = [
 @pytest.fixture
 def alpaca_rows():
     return copy.deepcopy(ALPACA_ROWS)
+
+
+@pytest.fixture(scope="session")
+def study_exp():
+    """``study_exp(settings, space, workspace, **sections)`` -> the base Experiment of a study of ``space``:
+    the raw ``settings`` with ``study.workspace`` set and ``sections`` merged over them, layered under the
+    space's axes as the ``study`` command does (``spaces.study_experiment``)."""
+    from lora_ablate.spaces import study_experiment
+
+    def make(settings: dict, space, workspace, **sections):
+        raw = _merge(_merge(settings, {"study": {"workspace": str(workspace)}}), sections)
+        return study_experiment(space, None, [], raw)
+
+    return make
+
+
+@pytest.fixture
+def nan_rank(monkeypatch):
+    """``nan_rank(module, r)``: the trials of rank ``r`` that ``module.train_trials`` trains (one at a time,
+    on the single path) get a NaN training loss from now on; returns the unpoisoned ``train_trials``."""
+    from lora_ablate import engine
+    from lora_ablate.evaluation import token_nll
+
+    def nan_loss(logits, labels):
+        nll, mask = token_nll(logits, labels)
+        return nll * float("nan"), mask
+
+    def poison(module, r: int):
+        real = module.train_trials
+
+        def poisoned(base, specs, *args, **kwargs):
+            with monkeypatch.context() as m:
+                if specs[0].lora.r == r:
+                    m.setattr(engine, "token_nll", nan_loss)
+                return real(base, specs, *args, **kwargs)
+
+        monkeypatch.setattr(module, "train_trials", poisoned)
+        return real
+
+    return poison

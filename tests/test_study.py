@@ -1,9 +1,9 @@
 """Studies on tiny-llama: grids with seeds, resume after an interrupt or a dead worker, failed trials,
-sampled and mixed spaces, pruning, memory across trials, and the command line."""
+sampled and mixed spaces, pruning, packs whose freed slots take the next trial, memory across trials, and
+the command line."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -12,15 +12,16 @@ import time
 import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 
-from lora_ablate import engine
 from lora_ablate import study as study_mod
 from lora_ablate.cli import main
 from lora_ablate.context import build_context
 from lora_ablate.errors import UserError
-from lora_ablate.evaluation import Evaluator, token_nll
-from lora_ablate.spaces import parse_space, study_experiment
-from lora_ablate.study import open_storage, run_study, storage_url, study_name
+from lora_ablate.evaluation import Evaluator
+from lora_ablate.spaces import parse_space
+from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
+from lora_ablate.tracking import RUN_STATUS, default_uri, make_tracker
 
 BASE = {
     "model": {"name": "tiny-llama"},
@@ -32,16 +33,14 @@ BASE = {
 RANK3 = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "rank3")
 
 
-def experiment(space, tmp_path, **sections):
-    settings = copy.deepcopy(BASE)
-    settings.setdefault("study", {})["workspace"] = str(tmp_path / "ws")
-    for section, values in sections.items():
-        settings.setdefault(section, {}).update(values)
-    return study_experiment(space, None, [], settings)
+@pytest.fixture(scope="module")
+def experiment(study_exp):
+    """``experiment(space, tmp_path, **sections)``: a study of BASE with its workspace in ``tmp_path / "ws"``."""
+    return lambda space, tmp_path, **sections: study_exp(BASE, space, tmp_path / "ws", **sections)
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
+def ctx(tmp_path_factory, experiment):
     """One worker's base, data and evaluator for the whole module (the settings of BASE)."""
     return build_context(experiment(RANK3, tmp_path_factory.mktemp("ctx")))
 
@@ -50,13 +49,13 @@ def ctx(tmp_path_factory):
 def trained(monkeypatch):
     """The TrialSpecs handed to the engine, in order: what the study actually trained."""
     seen = []
-    real = study_mod.train_trials
+    real = runner.train_trials
 
     def counting(base, specs, *args, **kwargs):
         seen.extend(specs)
         return real(base, specs, *args, **kwargs)
 
-    monkeypatch.setattr(study_mod, "train_trials", counting)
+    monkeypatch.setattr(runner, "train_trials", counting)
     return seen
 
 
@@ -76,7 +75,7 @@ def cells(specs):
 # ----------------------------------------------------------------------------- grids and resume
 
 
-def test_grid_with_seeds_runs_every_cell_once_and_resumes_to_nothing(tmp_path, ctx, trained):
+def test_grid_with_seeds_runs_every_cell_once_and_resumes_to_nothing(tmp_path, ctx, trained, experiment):
     exp = experiment(RANK3, tmp_path, study={"seeds": 2})
     report = run(exp, RANK3, ctx)
     assert cells(trained) == [(1, 0), (1, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
@@ -97,7 +96,7 @@ def test_grid_with_seeds_runs_every_cell_once_and_resumes_to_nothing(tmp_path, c
     assert trained == [] and again.outcomes == [] and again.remaining == 0
 
 
-def test_more_seeds_later_trains_only_the_new_seed(tmp_path, ctx, trained):
+def test_more_seeds_later_trains_only_the_new_seed(tmp_path, ctx, trained, experiment):
     run(experiment(RANK3, tmp_path), RANK3, ctx)
     assert cells(trained) == [(1, 0), (2, 0), (4, 0)]
     trained.clear()
@@ -105,16 +104,16 @@ def test_more_seeds_later_trains_only_the_new_seed(tmp_path, ctx, trained):
     assert cells(trained) == [(1, 1), (2, 1), (4, 1)]
 
 
-def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, ctx, trained, monkeypatch):
+def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, ctx, trained, monkeypatch, experiment):
     exp = experiment(RANK3, tmp_path, study={"seeds": 2})
-    counting = study_mod.train_trials
+    counting = runner.train_trials
 
     def interrupted(base, specs, *args, **kwargs):
         if len(trained) == 2:
             raise KeyboardInterrupt  # Ctrl-C during the third trial
         return counting(base, specs, *args, **kwargs)
 
-    monkeypatch.setattr(study_mod, "train_trials", interrupted)
+    monkeypatch.setattr(runner, "train_trials", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(exp, RANK3, ctx)
     first = cells(trained)
@@ -123,7 +122,7 @@ def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, c
     failed = next(t for t in trials_of(exp, RANK3) if t.state.name == "FAIL")
     assert "interrupted" in failed.user_attrs["fail_reason"]
 
-    monkeypatch.setattr(study_mod, "train_trials", counting)
+    monkeypatch.setattr(runner, "train_trials", counting)
     trained.clear()
     report = run(exp, RANK3, ctx)
     assert len(trained) == 4 and not set(cells(trained)) & set(first)
@@ -131,9 +130,9 @@ def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, c
     assert report.remaining == 0 and report.counts == {"COMPLETE": 6, "FAIL": 1}
 
 
-def test_stale_trial_of_a_dead_worker_is_failed_and_trained_again(tmp_path, ctx, trained, monkeypatch):
-    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(study_mod, "GRACE_S", 1)
+def test_stale_trial_of_a_dead_worker_is_failed_and_trained_again(tmp_path, ctx, trained, monkeypatch, experiment):
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_S", 1)
     exp = experiment(RANK3, tmp_path, study={"n_trials": 1})
     run(exp, RANK3, ctx)
     assert cells(trained) == [(1, 0)]
@@ -156,21 +155,9 @@ def test_stale_trial_of_a_dead_worker_is_failed_and_trained_again(tmp_path, ctx,
 # ----------------------------------------------------------------------------- failures
 
 
-def nan_loss(logits, labels):
-    nll, mask = token_nll(logits, labels)
-    return nll * float("nan"), mask
-
-
-def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, trained, monkeypatch):
-    counting = study_mod.train_trials
-
-    def poisoned(base, specs, *args, **kwargs):
-        with monkeypatch.context() as m:
-            if specs[0].lora.r == 2:
-                m.setattr(engine, "token_nll", nan_loss)
-            return counting(base, specs, *args, **kwargs)
-
-    monkeypatch.setattr(study_mod, "train_trials", poisoned)
+def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, trained, monkeypatch, nan_rank,
+                                                            experiment):
+    counting = nan_rank(runner, 2)
     exp = experiment(RANK3, tmp_path)
     report = run(exp, RANK3, ctx)
     states = {o.params["r"]: o.state for o in report.outcomes}
@@ -186,26 +173,26 @@ def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, train
     final = run(experiment(RANK3, tmp_path, study={"retry_failed": False}), RANK3, ctx)
     assert trained == [] and final.remaining == 0
     # by default the failed cell is trained again on resume (and succeeds without the poison)
-    monkeypatch.setattr(study_mod, "train_trials", counting)
+    monkeypatch.setattr(runner, "train_trials", counting)
     retried = run(exp, RANK3, ctx)
     assert cells(trained) == [(2, 0)] and [o.state for o in retried.outcomes] == ["COMPLETE"]
 
 
-def test_an_exception_in_a_trial_fails_it_and_the_study_goes_on(tmp_path, ctx, monkeypatch):
-    real = study_mod.train_trials
+def test_an_exception_in_a_trial_fails_it_and_the_study_goes_on(tmp_path, ctx, monkeypatch, experiment):
+    real = runner.train_trials
 
     def broken(base, specs, *args, **kwargs):
         if specs[0].lora.r == 4:
             raise RuntimeError("CUDA error: device-side assert triggered")
         return real(base, specs, *args, **kwargs)
 
-    monkeypatch.setattr(study_mod, "train_trials", broken)
+    monkeypatch.setattr(runner, "train_trials", broken)
     report = run(experiment(RANK3, tmp_path), RANK3, ctx)
     assert [o.state for o in report.outcomes] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert report.outcomes[-1].reason == "RuntimeError: CUDA error: device-side assert triggered"
 
 
-def test_a_trial_enqueued_with_invalid_params_fails_alone(tmp_path, ctx, trained):
+def test_a_trial_enqueued_with_invalid_params_fails_alone(tmp_path, ctx, trained, experiment):
     exp = experiment(RANK3, tmp_path, study={"n_trials": 1})
     run(exp, RANK3, ctx)
     study = optuna.load_study(study_name=study_name(exp, RANK3), storage=open_storage(storage_url(exp)))
@@ -220,7 +207,7 @@ def test_a_trial_enqueued_with_invalid_params_fails_alone(tmp_path, ctx, trained
 # ----------------------------------------------------------------------------- sampled and mixed spaces
 
 
-def test_sampled_space_repeats_each_configuration_per_seed(tmp_path, ctx, trained):
+def test_sampled_space_repeats_each_configuration_per_seed(tmp_path, ctx, trained, experiment):
     space = parse_space({"axes": {"train.lr": {"log_uniform": [1e-4, 1e-2]}}, "samples": 3,
                          "startup_trials": 2}, "lr3")
     exp = experiment(space, tmp_path, study={"seeds": 2})
@@ -240,7 +227,7 @@ def test_sampled_space_repeats_each_configuration_per_seed(tmp_path, ctx, traine
     assert sorted(s.train.seed for s in trained) == [0, 1]
 
 
-def test_mixed_space_samples_inside_every_grid_cell(tmp_path, ctx, trained):
+def test_mixed_space_samples_inside_every_grid_cell(tmp_path, ctx, trained, experiment):
     space = parse_space({"axes": {"lora.r": {"grid": [1, 4]}, "train.lr": {"log_uniform": [1e-4, 1e-2]}},
                          "samples": 2, "startup_trials": 1}, "rank_lr")
     report = run(experiment(space, tmp_path), space, ctx)
@@ -251,7 +238,7 @@ def test_mixed_space_samples_inside_every_grid_cell(tmp_path, ctx, trained):
     assert {r: len(lrs) for r, lrs in per_rank.items()} == {1: 2, 4: 2}
 
 
-def test_pruning_stops_a_trial_that_lags_the_median(tmp_path, ctx):
+def test_pruning_stops_a_trial_that_lags_the_median(tmp_path, ctx, experiment):
     space = parse_space({"axes": {"train.lr": {"grid": [3e-2, 2e-2, 1e-2, 1e-9]}}}, "prune")
     exp = experiment(space, tmp_path, train={"steps": 4}, eval={"every": 1}, study={"pruner": "median"})
     every_step = Evaluator(ctx.evaluator.sets, ctx.base.tokenizer, exp.data, exp.eval)
@@ -262,19 +249,134 @@ def test_pruning_stops_a_trial_that_lags_the_median(tmp_path, ctx):
     assert pruned.reason.startswith("pruned at step ") and pruned.result.evals
 
 
-def test_packs_of_trials_go_to_the_packed_engine(tmp_path, ctx, monkeypatch):
+# ----------------------------------------------------------------------------- packs: a freed slot takes the next trial
+
+
+def number(spec) -> int | None:
+    return int(spec.name.rsplit("-", 1)[1]) if spec is not None else None
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Every call of the packed engine: its first specs and, in order, what its callbacks saw: ("result",
+    number, status) as a trial leaves the pack, ("join", number) for the spec a refill handed back (None:
+    nothing more, the pack shrinks)."""
+    import lora_ablate.packed as packed
+
     calls = []
-    real = study_mod.train_trials
+    real = packed.train_packed
 
-    def spy(base, specs, *args, **kwargs):
-        calls.append((sorted(s.lora.r for s in specs), kwargs.get("packed")))
-        return real(base, specs, *args, **kwargs)
+    def spy(base, specs, *args, refill=None, on_result=None, **kwargs):
+        call = {"specs": list(specs), "joined": [], "events": []}
+        calls.append(call)
 
-    monkeypatch.setattr(study_mod, "train_trials", spy)
+        def result(r):
+            call["events"].append(("result", number(r.spec), r.status))
+            on_result(r)
+
+        def next_spec():
+            spec = refill()
+            call["events"].append(("join", number(spec)))
+            call["joined"] += [spec] if spec is not None else []
+            return spec
+
+        return real(base, specs, *args, refill=next_spec, on_result=result, **kwargs)
+
+    monkeypatch.setattr(packed, "train_packed", spy)
+    return calls
+
+
+@pytest.fixture
+def told(monkeypatch):
+    """The numbers of the trials told to Optuna, in order."""
+    seen = []
+    real = optuna.Study.tell
+
+    def tell(self, trial, *args, **kwargs):
+        seen.append(trial.number)
+        return real(self, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "tell", tell)
+    return seen
+
+
+def test_packs_of_trials_go_to_the_packed_engine(tmp_path, ctx, packed_calls, experiment):
     report = run(experiment(RANK3, tmp_path, study={"pack": "2"}), RANK3, ctx)
-    assert calls == [([1, 2], True), ([4], True)]
+    # one pack: r=1 and r=2 start together, r=4 takes a slot they free
+    assert len(packed_calls) == 1
+    assert [s.lora.r for s in packed_calls[0]["specs"]] == [1, 2]
+    assert [s.lora.r for s in packed_calls[0]["joined"]] == [4]
     assert [o.state for o in report.outcomes] == ["COMPLETE"] * 3
     assert len({o.value for o in report.outcomes}) == 3
+
+
+def test_a_freed_slot_is_not_refilled_beyond_n_trials(tmp_path, ctx, packed_calls, experiment):
+    exp = experiment(RANK3, tmp_path, study={"pack": "2", "seeds": 2, "n_trials": 3})
+    report = run(exp, RANK3, ctx)
+    assert [s.lora.r for s in packed_calls[0]["specs"]] == [1, 2]
+    assert [(s.lora.r, s.train.seed) for s in packed_calls[0]["joined"]] == [(4, 0)]
+    assert len(packed_calls) == 1 and len(report.outcomes) == 3 and report.remaining == 3
+
+
+# lr 1e38 without clipping: the first update overflows, the training loss is NaN by step 2
+DIVERGE = parse_space({"fixed": {"train.max_grad_norm": 0.0}, "axes": {"train.lr": {"grid": [3e-3, 1e38, 2e-3]}}},
+                      "diverge")
+
+
+def test_a_diverging_trial_leaves_the_pack_and_the_next_trial_takes_its_slot(tmp_path, ctx, packed_calls, told,
+                                                                            experiment):
+    exp = experiment(DIVERGE, tmp_path, study={"pack": "2", "seeds": 2}, tracking={"enabled": True})
+    tracker = make_tracker(exp)
+    logged = []
+    finish = tracker.finish_trial
+    tracker.finish_trial = lambda run_id, record: (logged.append(record.number), finish(run_id, record))[1]
+    report = run(exp, DIVERGE, ctx, tracker=tracker)
+
+    # one pack ran the whole study, never more than two trials at once: trial 1 diverged while trial 0
+    # trained on, trial 2 took its slot at once; each later slot went to the next (lr, seed) cell in order
+    assert len(packed_calls) == 1 and [number(s) for s in packed_calls[0]["specs"]] == [0, 1]
+    assert packed_calls[0]["events"] == [
+        ("result", 1, "failed"), ("join", 2), ("result", 0, "ok"), ("join", 3), ("result", 2, "ok"), ("join", 4),
+        ("result", 3, "ok"), ("join", 5), ("result", 4, "failed"), ("join", None), ("result", 5, "ok"),
+        ("join", None)]
+    assert [(o.number, o.state) for o in report.outcomes] == [
+        (1, "FAIL"), (0, "COMPLETE"), (2, "COMPLETE"), (3, "COMPLETE"), (4, "FAIL"), (5, "COMPLETE")]
+    assert all("training loss became nan" in o.reason for o in report.outcomes if o.state == "FAIL")
+    # every cell ran once; the divergent one failed with each seed (the next invocation retries it)
+    trials = trials_of(exp, DIVERGE)
+    assert sorted((t.params["lr"], t.params["seed"], t.state.name) for t in trials) == sorted(
+        (lr, seed, "FAIL" if lr == 1e38 else "COMPLETE") for lr in (3e-3, 1e38, 2e-3) for seed in (0, 1))
+    assert report.counts == {"COMPLETE": 4, "FAIL": 2} and report.remaining == 2
+
+    # told to Optuna and logged to MLflow exactly once each, as each trial finished
+    assert told == logged == [1, 0, 2, 3, 4, 5]
+    client = MlflowClient(tracking_uri=default_uri(exp.study.workspace))
+    runs = client.search_runs([client.get_experiment_by_name(report.name).experiment_id],
+                              "tags.`lora_ablate.kind` = 'trial'")
+    assert sorted(int(r.data.tags["lora_ablate.trial_number"]) for r in runs) == list(range(6))
+    states = {t.number: t.state.name for t in trials}
+    for r in runs:
+        n = int(r.data.tags["lora_ablate.trial_number"])
+        assert r.data.tags["lora_ablate.state"] == states[n] and r.info.status == RUN_STATUS[states[n]]
+        assert r.info.run_id == next(t.user_attrs["mlflow_run_id"] for t in trials if t.number == n)
+
+
+def test_a_pruned_trial_leaves_the_pack_and_the_next_trial_takes_its_slot(tmp_path, ctx, packed_calls, told,
+                                                                         experiment):
+    space = parse_space({"axes": {"train.lr": {"grid": [3e-2, 2e-2, 1e-2, 5e-3, 1e-9, 4e-2, 2.5e-2]}}}, "prune7")
+    exp = experiment(space, tmp_path, train={"steps": 4}, eval={"every": 1},
+                     study={"pruner": "median", "pack": "2"})
+    every_step = Evaluator(ctx.evaluator.sets, ctx.base.tokenizer, exp.data, exp.eval)
+    report = run(exp, space, dataclasses.replace(ctx, evaluator=every_step))
+    # four trials complete (the median pruner's startup), then lr=1e-9 lags the median and is pruned while
+    # trial 5 trains on: trial 6 takes its slot at once
+    assert len(packed_calls) == 1 and packed_calls[0]["events"] == [
+        ("result", 0, "ok"), ("result", 1, "ok"), ("join", 2), ("join", 3), ("result", 2, "ok"), ("result", 3, "ok"),
+        ("join", 4), ("join", 5), ("result", 4, "pruned"), ("join", 6), ("result", 5, "ok"), ("join", None),
+        ("result", 6, "ok"), ("join", None)]
+    states = {o.params["lr"]: o.state for o in report.outcomes}
+    assert states == {lr: "PRUNED" if lr == 1e-9 else "COMPLETE" for lr in space.axes[0].values}
+    assert told == [0, 1, 2, 3, 4, 5, 6] and report.remaining == 0
 
 
 # ----------------------------------------------------------------------------- one worker, many trials
@@ -285,7 +387,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_memory_and_base_are_unchanged_across_trials(tmp_path, ctx):
+def test_memory_and_base_are_unchanged_across_trials(tmp_path, ctx, experiment):
     space = parse_space({"axes": {"lora.r": {"grid": list(range(1, 11))}}}, "rank10")
     exp = experiment(space, tmp_path, tracking={"enabled": True})
     model = ctx.base.model
@@ -304,8 +406,6 @@ def test_memory_and_base_are_unchanged_across_trials(tmp_path, ctx):
             assert not params[n].requires_grad
         seen.append(rss_mb())
 
-    from lora_ablate.tracking import make_tracker
-
     report = run(exp, space, ctx, tracker=make_tracker(exp), on_trial=check)
     assert [o.state for o in report.outcomes] == ["COMPLETE"] * 10 and len(seen) == 10
     # trial 1 warms allocator and caches up; from trial 2 on nothing may accumulate
@@ -315,7 +415,7 @@ def test_memory_and_base_are_unchanged_across_trials(tmp_path, ctx):
 # ----------------------------------------------------------------------------- checks and the command line
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path, ctx):
+def test_resuming_with_other_settings_is_refused(tmp_path, ctx, experiment):
     run(experiment(RANK3, tmp_path, study={"n_trials": 1}), RANK3, ctx)
     with pytest.raises(UserError, match=r"was run with train\.steps=3 \(now 4\): use --study-name NEW"):
         run(experiment(RANK3, tmp_path, train={"steps": 4}), RANK3, ctx)
@@ -330,7 +430,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path, ctx):
     ({"objective": "heldout_instances/exact_match"}, "scores generations, but eval.generate=false"),
     ({"objective": "heldout_instances/bleu"}, "unknown metric 'bleu'; choose one of: nll, ppl"),
 ])
-def test_bad_study_settings(tmp_path, study, message):
+def test_bad_study_settings(tmp_path, study, message, experiment):
     with pytest.raises(UserError, match=message):
         study_mod.check_study(experiment(RANK3, tmp_path, study=study), RANK3)
 

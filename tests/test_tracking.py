@@ -3,7 +3,6 @@ with the documented params, metrics, tags and artifacts; failed and stale trials
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import urllib.request
@@ -14,13 +13,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from lora_ablate import engine
-from lora_ablate import study as study_mod
 from lora_ablate.commands.study import open_ui
 from lora_ablate.context import build_context
-from lora_ablate.evaluation import token_nll
-from lora_ablate.spaces import parse_space, study_experiment
-from lora_ablate.study import open_storage, run_study, storage_url, study_name
+from lora_ablate.spaces import parse_space
+from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
 from lora_ablate.tracking import StudyInfo, TrialRecord, default_uri, make_tracker, redact, trial_params
 
 BASE = {
@@ -34,21 +30,19 @@ DOC_PARAMS = {"r", "alpha", "alpha_rule", "scaling", "lr", "targets", "seed", "s
 FINAL = {f"final/heldout_instances/{m}" for m in ("nll", "ppl", "exact_match", "rouge_l", "n")}
 
 
-def experiment(space, ws: Path, **sections):
-    settings = copy.deepcopy(BASE)
-    settings["study"] = {"workspace": str(ws)}
-    for section, values in sections.items():
-        settings.setdefault(section, {}).update(values)
-    return study_experiment(space, None, [], settings)
+@pytest.fixture(scope="module")
+def experiment(study_exp):
+    """``experiment(space, ws, **sections)``: a study of BASE with its workspace in ``ws``."""
+    return lambda space, ws, **sections: study_exp(BASE, space, ws, **sections)
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
+def ctx(tmp_path_factory, experiment):
     return build_context(experiment(RANK3, tmp_path_factory.mktemp("ctx")))
 
 
 @pytest.fixture(scope="module")
-def rank_study(tmp_path_factory, ctx):
+def rank_study(tmp_path_factory, ctx, experiment):
     """A 3 ranks x 2 seeds study, tracked in a fresh workspace: (experiment, report, client)."""
     ws = tmp_path_factory.mktemp("tracked") / "ws"
     exp = experiment(RANK3, ws, study={"seeds": 2})
@@ -148,26 +142,14 @@ def test_trial_params_are_stable_and_redact_secrets(make_exp):
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
-def nan_loss(logits, labels):
-    nll, mask = token_nll(logits, labels)
-    return nll * float("nan"), mask
-
-
-def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx, monkeypatch):
-    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(study_mod, "GRACE_S", 1)
+def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx, monkeypatch, nan_rank,
+                                                                   experiment):
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_S", 1)
     space = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "fails")
     ws = tmp_path / "ws"
     exp = experiment(space, ws, eval={"generate": False, "base": False}, study={"n_trials": 2})
-    real = study_mod.train_trials
-
-    def poisoned(base, specs, *args, **kwargs):
-        with monkeypatch.context() as m:
-            if specs[0].lora.r == 2:
-                m.setattr(engine, "token_nll", nan_loss)
-            return real(base, specs, *args, **kwargs)
-
-    monkeypatch.setattr(study_mod, "train_trials", poisoned)
+    real = nan_rank(runner, 2)
     report = run_study(exp, space, tracker=make_tracker(exp), context=ctx, progress=False)
     assert [o.state for o in report.outcomes] == ["COMPLETE", "FAIL"]
     client = MlflowClient(tracking_uri=default_uri(ws))
@@ -188,7 +170,7 @@ def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx
     dead.set_user_attr("mlflow_run_id", dead_run)
     storage.record_heartbeat(dead._trial_id)
     time.sleep(2.2)
-    monkeypatch.setattr(study_mod, "train_trials", real)
+    monkeypatch.setattr(runner, "train_trials", real)
     report = run_study(experiment(space, ws, eval={"generate": False, "base": False}), space,
                        tracker=make_tracker(exp), context=ctx, progress=False)
     stale = client.get_run(dead_run)

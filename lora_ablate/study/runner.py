@@ -1,0 +1,296 @@
+"""One worker's ask/tell loop: the base model loaded once, trials asked from Optuna and trained on it, and
+each trial told (to Optuna, then tracking) as soon as it finishes.
+
+Pack 1 trains each trial alone on the plain peft path, the reference. A pack of K > 1 goes to the packed
+engine with two callbacks that close over this runner, so the engine never sees Optuna: ``on_result``
+tells a trial's result the moment it leaves the pack (finished, failed, diverged or pruned), and
+``refill`` asks for the next trial to take the freed slot, within ``--n-trials``, ``--timeout`` and what
+the space still needs (None: the pack shrinks). The packed engine accepts any spec mid-pack (targets are
+unioned and ranks padded when the pack is re-laid out; batch size, accumulation and schedule stay per
+trial); only gradient checkpointing and compilation are set for the pack by its first trials, which
+changes memory, not a trial's numbers. One pack therefore usually runs the whole invocation; the loop
+starts another when a pack has drained (no work at the time, or an out-of-memory step failed the pack).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+from lora_ablate.config import Experiment
+from lora_ablate.engine import TrialResult, TrialSpec, train_trials
+from lora_ablate.errors import UserError
+from lora_ablate.spaces import Space, params_per_rank
+from lora_ablate.study import heartbeat
+from lora_ablate.study.report import (Progress, StudyReport, TrialOutcome, best_trial, best_value,
+                                      study_summary)
+from lora_ablate.study.schedule import Plan, params_of, plan
+from lora_ablate.study.settings import check_study, seeds_of, storage_url
+from lora_ablate.study.storage import load_or_create, quiet_optuna
+from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
+from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord, redact
+
+INTERRUPTED = "interrupted (the trial is trained again on resume)"
+
+
+class StudyRunner:
+    """One worker: the base model loaded once, trials asked from Optuna in packs and trained on it."""
+
+    def __init__(self, exp: Experiment, space: Space, tracker: Tracker | None = None, context=None,
+                 progress: bool = True, on_trial: Callable[[TrialOutcome], None] | None = None):
+        quiet_optuna()
+        self.exp, self.space = exp, space
+        self.objective = check_study(exp, space)
+        self.tracker = tracker or Tracker()
+        self.ctx = context
+        self.progress, self.on_trial = progress, on_trial
+        self.seeds = seeds_of(exp)
+        self.stale = heartbeat.StaleTrials()
+        self.study = self.storage = None
+        self.failed_now: set[int] = set()  # trial numbers that failed in this invocation
+        self.pack = 1
+        self._per_rank: dict[tuple, int] = {}
+        # the loop's state, shared with the packed engine's callbacks
+        self.flying: dict[str, InFlight] = {}  # spec name -> a trial asked and not told yet
+        self.beats: heartbeat.Heartbeat | None = None
+        self.hooks: Hooks | None = None
+        self.report: StudyReport | None = None
+        self.bar: Progress | None = None
+        self.budget = self.asked = 0
+        self.t0 = 0.0
+
+    # -- public
+
+    def run(self) -> StudyReport:
+        self.t0 = time.monotonic()
+        self.study, self.storage = load_or_create(self.exp, self.space, self.objective, self.stale)
+        name = self.study.study_name
+        report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
+        self._fail_stale()
+        first = self._plan()
+        budget = self.exp.study.n_trials or first.remaining
+        if self.space.kind == "grid":
+            budget = min(budget, first.remaining)
+        if budget == 0:
+            return self._finish(report, first)
+        if self.ctx is None:
+            from lora_ablate.context import build_context
+
+            self.ctx = build_context(self.exp, targets=self.space.target_sets() or None)
+        base = self.ctx.base
+        self.tracker.start_study(StudyInfo(name, self.space.name, self.objective.name, self.objective.direction,
+                                           report.storage, self.exp, base.source))
+        status = "FAILED"
+        try:
+            if self.exp.eval.base:
+                base_report = self.ctx.evaluator.run(base.model, base.device)
+                report.base = base_report.flat()
+                self.tracker.log_base(base_report)
+            self.pack = self._pack_size()
+            self._loop(report, budget)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.tracker.end_study(status, study_summary(self.study))
+        return self._finish(report, self._plan(settle=False))  # this run's failures: the next run's work
+
+    # -- the loop
+
+    def _loop(self, report: StudyReport, budget: int) -> None:
+        self.report, self.budget, self.asked = report, budget, 0
+        self.hooks = Hooks(self.flying, self.tracker, self.objective, self.exp.study.pruner != "none")
+        self.bar = Progress(self.study.study_name, budget, self.objective, self.progress)
+        try:
+            with heartbeat.Heartbeat(self.storage) as self.beats:
+                try:
+                    while flights := self._ask(self.pack):
+                        self._train(flights)
+                except KeyboardInterrupt:  # Ctrl-C, SIGTERM: whatever is in flight is trained again on resume
+                    self._fail_flying(INTERRUPTED)
+                    raise
+        finally:
+            self.beats = None
+            self.bar.close()
+
+    def _may_ask(self) -> bool:
+        timeout = self.exp.study.timeout
+        return self.asked < self.budget and not (timeout and time.monotonic() - self.t0 > timeout)
+
+    def _ask(self, n: int) -> list[InFlight]:
+        """Up to ``n`` trials to train (fewer when the budget, the timeout or the space runs out). A trial
+        that cannot be built is told FAIL at once and another is asked in its place."""
+        flights: list[InFlight] = []
+        if not self._may_ask():
+            return flights
+        self._fail_stale()
+        while len(flights) < n and self._may_ask():
+            flight = self._ask_one()
+            if flight is None:
+                break
+            if flight.spec is None:
+                self._tell(flight, None, flight.record.state, flight.record.reason)
+                continue
+            self.flying[flight.spec.name] = flight
+            flights.append(flight)
+        return flights
+
+    def _ask_one(self) -> InFlight | None:
+        from optuna.trial import TrialState
+
+        if not any(t.state == TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
+            p = self._plan()
+            nxt = p.todo[0] if p.todo else (p.extra if self.exp.study.n_trials > 0 else None)
+            if nxt is None:
+                return None
+            self.study.enqueue_trial(nxt)
+        trial = self.study.ask()
+        self.asked += 1
+        self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
+        return self._prepare(trial)
+
+    def _train(self, flights: list[InFlight]) -> None:
+        """Train ``flights`` (and, packed, whatever refills their slots); every trial is told exactly once."""
+        ctx = self.ctx
+        try:
+            if self.pack > 1:
+                from lora_ablate.packed import train_packed
+
+                train_packed(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
+                             progress=self.progress, refill=self._refill, on_result=self._on_result)
+            else:  # one trial at a time on the plain peft path: the reference
+                results = train_trials(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
+                                       progress=self.progress, packed=False)
+                for r in results:
+                    self._on_result(r)
+        except Exception as e:  # noqa: BLE001 - any trial error is recorded and the study goes on
+            self._fail_flying(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500])
+        self._fail_flying("the engine returned no result for this trial")  # never expected: no trial left RUNNING
+
+    def _refill(self) -> TrialSpec | None:
+        """A slot of the pack is free: the next trial's spec, or None when this invocation has no more."""
+        flights = self._ask(1)
+        return flights[0].spec if flights else None
+
+    def _on_result(self, r: TrialResult) -> None:
+        self._judge(self.flying[r.spec.name], r)
+
+    def _fail_flying(self, reason: str) -> None:
+        for f in list(self.flying.values()):
+            self._tell(f, None, "FAIL", reason)
+
+    # -- one trial
+
+    def _prepare(self, trial) -> InFlight:
+        """Params -> the trial's experiment and spec; a trial that cannot be built fails right here."""
+        flight = InFlight(trial, {}, TrialRecord(trial.number, {}, None))
+        try:
+            flight.params = suggest(trial, self.space, self.seeds)
+            trial_exp = self.space.trial_experiment(self.exp, flight.params, self._params_per_rank)
+        except (UserError, ValueError) as e:  # e.g. a trial enqueued by hand with a value outside the space
+            flight.params = params_of(self.storage.get_trial(heartbeat.trial_id(trial)))
+            flight.record = TrialRecord(trial.number, flight.params, None, state="FAIL",
+                                        reason=f"invalid trial params {flight.params}: {e}")
+            flight.run_id = self.tracker.start_trial(flight.record)
+            if flight.run_id:
+                trial.set_user_attr("mlflow_run_id", flight.run_id)
+            return flight
+        key = config_key(trial_exp)
+        flight.record = TrialRecord(trial.number, flight.params, trial_exp, key)
+        flight.run_id = self.tracker.start_trial(flight.record)
+        trial.set_user_attr("config_key", key)
+        if flight.run_id:
+            trial.set_user_attr("mlflow_run_id", flight.run_id)
+        flight.spec = TrialSpec(trial_exp.lora, trial_exp.train, name=f"trial-{trial.number}",
+                                adapter_dir=adapter_dir(self.tracker.staging_dir(flight.run_id)))
+        return flight
+
+    def _judge(self, f: InFlight, r: TrialResult) -> TrialOutcome:
+        if r.status == "pruned":
+            return self._tell(f, r, "PRUNED", r.error)
+        if r.status != "ok":
+            return self._tell(f, r, "FAIL", r.error)
+        value = r.final.metrics.get(self.objective.set, {}).get(self.objective.metric) if r.final else None
+        if value is None or not math.isfinite(value):
+            return self._tell(f, r, "FAIL", f"objective {self.objective.name} is {value}")
+        return self._tell(f, r, "COMPLETE", "", value)
+
+    def _tell(self, f: InFlight, r: TrialResult | None, state: str, reason: str,
+              value: float | None = None) -> TrialOutcome:
+        from optuna.trial import TrialState
+
+        seconds = time.perf_counter() - f.started
+        trial = f.trial
+        if reason:
+            trial.set_user_attr("fail_reason", reason)
+        if r is not None and r.final is not None:
+            for k, v in r.final.flat("final/").items():
+                trial.set_user_attr(k, v)
+        if state == "PRUNED":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif state == "COMPLETE":
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.failed_now.add(trial.number)
+        if f.spec is not None:
+            self.flying.pop(f.spec.name, None)
+        self.beats.discard(trial)
+        record = f.record
+        record.state, record.reason, record.result, record.wall_s = state, reason, r, seconds
+        if f.run_id:
+            self.tracker.finish_trial(f.run_id, record)
+        outcome = TrialOutcome(trial.number, f.params, state, value, reason, seconds, f.run_id, r)
+        self.report.outcomes.append(outcome)
+        self.bar.told(outcome, best_value(self.study))
+        if self.on_trial is not None:
+            self.on_trial(outcome)
+        return outcome
+
+    # -- helpers
+
+    def _finish(self, report: StudyReport, final: Plan) -> StudyReport:
+        report.remaining, report.counts = final.remaining, final.counts
+        report.best = best_trial(self.study)
+        return report
+
+    def _plan(self, settle: bool = True) -> Plan:
+        return plan(self.space, self.seeds, self.study.get_trials(deepcopy=False), self.exp.study.retry_failed,
+                    frozenset(self.failed_now) if settle else frozenset())
+
+    def _fail_stale(self) -> None:
+        heartbeat.fail_stale(self.study, self.stale, self.tracker, self.beats)
+
+    def _pack_size(self) -> int:
+        """study.pack, or for auto what the packed engine measures fits (a few trials on a CPU)."""
+        if self.exp.study.pack != "auto":
+            return int(self.exp.study.pack)
+        from lora_ablate.packed import auto_pack_size
+
+        return auto_pack_size(self.ctx.base, self._largest_trials(), self.ctx.train)
+
+    def _largest_trials(self) -> list[TrialSpec]:
+        """A spec per grid cell with every sampled axis at its largest value: the memory a pack must hold."""
+        specs = []
+        for cell in self.space.cells():
+            params = {**cell, "seed": self.seeds[0]}
+            for a in self.space.sampled_axes:
+                params[a.name] = max(a.values, key=size) if a.values else (int(a.high) if "int" in a.kind else a.high)
+            trial = self.space.trial_experiment(self.exp, params, self._params_per_rank)
+            specs.append(TrialSpec(trial.lora, trial.train))
+        return specs
+
+    def _params_per_rank(self, roles: tuple[str, ...]) -> int:
+        if roles not in self._per_rank:
+            self._per_rank[roles] = params_per_rank(self.ctx.base.model, roles)
+        return self._per_rank[roles]
+
+
+def run_study(exp: Experiment, space: Space, tracker: Tracker | None = None, context=None, progress: bool = True,
+              on_trial: Callable[[TrialOutcome], None] | None = None) -> StudyReport:
+    """Run (or resume) the study of ``space`` on ``exp``: everything the space still needs, or
+    ``study.n_trials`` trials. ``context`` reuses an already loaded base, data and evaluator. ``on_trial`` is
+    called with each outcome as the trial is told (with packs, while the pack's other trials still train)."""
+    return StudyRunner(exp, space, tracker, context, progress, on_trial).run()
