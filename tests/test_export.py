@@ -5,7 +5,9 @@ import io
 import json
 import math
 import re
+import shutil
 import struct
+import subprocess
 import time
 from html.parser import HTMLParser
 
@@ -352,6 +354,17 @@ def test_latex_is_plain_tabular(exported):
     _check_tabular(doc)
     assert doc.startswith("\\documentclass{article}") and doc.rstrip().endswith("\\end{document}")
     assert "$\\pm$" in doc and "±" not in doc
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_latex_document_compiles(exported, tmp_path):
+    """Where a TeX installation exists, the exported document compiles with no extra packages."""
+    doc = tmp_path / "tables.tex"
+    doc.write_text((exported / "tables.tex").read_text())
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert (tmp_path / "tables.pdf").stat().st_size > 0
 
 
 class _Resources(HTMLParser):
