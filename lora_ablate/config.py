@@ -128,7 +128,8 @@ class LoraConfig:
 class TrainConfig:
     steps: int = _f(200, "optimizer steps")
     batch_size: int = _f(8, "sequences per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step; the loss (and the logged training loss) is the "
+                            "token mean over all of them, as one batch of batch_size * grad_accum")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA parameters")
     warmup: float = _f(0.06, "linear warm-up, as a fraction of steps")

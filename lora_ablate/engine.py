@@ -4,6 +4,11 @@ It takes a *list* of trial specs so that packing several trials into one pass ov
 another path of this function, not a redesign. The single path below is the reference: plain peft, one
 adapter at a time, injected into the shared base and unloaded again afterwards, so the base is the same
 before and after every trial.
+
+Gradient accumulation is token-weighted: an optimizer step's loss is the summed token NLL of all its
+``grad_accum`` micro-batches divided by their total label tokens, so its gradient is exactly that of one
+batch of ``batch_size * grad_accum``; the logged training loss is that same token mean per step (averaged
+over the steps since the last log).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_ablate.config import LoraConfig, TrainConfig
-from lora_ablate.data import Encoded
+from lora_ablate.data import IGNORE, Encoded
 from lora_ablate.evaluation import EvalReport, Evaluator, token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
@@ -111,6 +116,18 @@ def batch_order(n: int, batch: int, seed: int):
             yield perm[i:i + batch]
 
 
+def label_tokens(data: Encoded) -> list[int]:
+    """Tokens each example contributes to the loss: labels after the next-token shift that are not
+    IGNORE (what ``token_nll``'s mask counts for that row)."""
+    return [sum(1 for t in labels[1:] if t != IGNORE) for labels in data.labels]
+
+
+def window_tokens(counts: list[int], batches: list[list[int]]) -> int:
+    """Label tokens of an accumulation window (all micro-batches of one optimizer step), at least 1:
+    every micro-batch's summed NLL is divided by it."""
+    return max(1, sum(counts[i] for idx in batches for i in idx))
+
+
 def train_trials(base: LoadedModel, specs: list[TrialSpec], data: Encoded, evaluator: Evaluator | None,
                  hooks: TrialHooks | None = None, progress: bool = True, packed: bool = False) -> list[TrialResult]:
     hooks = hooks or TrialHooks()
@@ -171,16 +188,20 @@ def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialH
     running = torch.zeros((), device=device)  # summed on the device; read only at log steps (no per-step sync)
     tokens, t0, eval_seconds = 0, time.perf_counter(), 0.0  # held-out evals are not training time
     bar = tqdm(total=tc.steps, desc=spec.name, disable=not progress, leave=False, mininterval=1.0)
+    counts = label_tokens(data)
     for step in range(1, tc.steps + 1):
-        for _ in range(tc.grad_accum):
-            idx = next(order)
+        # the window's batches first: its label tokens divide every micro-batch's summed NLL, so the step's
+        # gradient is that of one batch of batch_size * grad_accum (a token mean over the whole window)
+        window = [next(order) for _ in range(tc.grad_accum)]
+        n_window = window_tokens(counts, window)
+        for idx in window:
             tokens += sum(len(data.input_ids[i]) for i in idx)
             b = data.batch(idx, pad, device)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            nll, mask = token_nll(logits, b["labels"])
-            loss = nll.sum() / mask.sum().clamp(min=1)
-            (loss / tc.grad_accum).backward()
-            running += loss.detach() / tc.grad_accum
+            nll, _ = token_nll(logits, b["labels"])
+            loss = nll.sum() / n_window
+            loss.backward()
+            running += loss.detach()
         if tc.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         opt.step()

@@ -183,7 +183,9 @@ class _Pack:
                         self.widths[j][m] = max(self.widths[j][m], s.widths[i])
                 rows[j].append(flat)
         self.rows = torch.tensor(rows, dtype=torch.long).to(dev)
-        self.ga_div = torch.tensor([float(s.train.grad_accum) for s in slots], device=dev)
+        # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
+        self.host_window = [[s.window[s.done + j] for s in slots] for j in range(self.span)]
+        self.window = torch.tensor(self.host_window, dtype=torch.float32).to(dev)  # [span, K]
         self.max_norm = torch.tensor([s.train.max_grad_norm for s in slots], device=dev)
         self.clip = any(s.train.max_grad_norm for s in slots)
         self.decay_on = any(s.train.weight_decay for s in slots)
@@ -229,12 +231,13 @@ class _Pack:
             for m in range(self.ga):
                 ids, labels = self.data.batch(self.rows[self.j, m], self.widths[self.j][m])
                 logits = self.model(input_ids=ids, use_cache=False).logits
-                nll, mask = token_nll(logits, labels)
+                nll, _ = token_nll(logits, labels)
+                # summed NLL over the trial's window tokens (all its micro-batches of this step); a slot with
+                # fewer micro-batches gets filler rows here: loss 0
                 if K == 1:  # the single path's reductions, to the bit
-                    loss = (nll.sum() / mask.sum().clamp(min=1)).view(1)
+                    loss = (nll.sum() / self.host_window[self.j][0]).view(1)
                 else:
-                    loss = nll.view(K, -1).sum(1) / mask.view(K, -1).sum(1).clamp(min=1)
-                loss = loss / self.ga_div  # a slot with fewer micro-batches gets filler rows here: loss 0
+                    loss = nll.view(K, -1).sum(1) / self.window[self.j]
                 loss.sum().backward()
                 self.running += loss.detach()  # per micro-batch, in the single path's order
 

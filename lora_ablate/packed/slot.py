@@ -7,7 +7,7 @@ import functools
 from dataclasses import dataclass
 
 from lora_ablate.data import Encoded
-from lora_ablate.engine import TrialResult, TrialSpec, batch_order, lr_lambda
+from lora_ablate.engine import TrialResult, TrialSpec, batch_order, label_tokens, lr_lambda, window_tokens
 from lora_ablate.targets import TargetPlan
 
 
@@ -21,6 +21,7 @@ class _Slot:
     batches: list[list[int]]  # steps * grad_accum micro-batches of example indices
     widths: list[int]  # longest example of each micro-batch
     tokens: list[int]  # real tokens of each optimizer step
+    window: list[int]  # label tokens of each optimizer step (>= 1): the divisor of its micro-batches' NLL sums
     lrs: list[float]  # learning rate used by optimizer step s (index s-1), as LambdaLR gives it
     row: int | None = None  # the trial's index in the pack (column of the flat tensors); None until placed
     done: int = 0  # optimizer steps taken
@@ -51,6 +52,8 @@ def _make_slot(spec: TrialSpec, result: TrialResult, plan: TargetPlan, data: Enc
     widths = [max(lengths[i] for i in b) for b in batches]
     per_micro = [sum(lengths[i] for i in b) for b in batches]
     tokens = [sum(per_micro[s * tc.grad_accum:(s + 1) * tc.grad_accum]) for s in range(tc.steps)]
+    counts = label_tokens(data)
+    window = [window_tokens(counts, batches[s * tc.grad_accum:(s + 1) * tc.grad_accum]) for s in range(tc.steps)]
     f = lr_lambda(tc)
     lrs = [tc.lr * f(s) for s in range(tc.steps)]  # step s+1 runs with LambdaLR's lr after s steps
-    return _Slot(spec, result, plan, batches, widths, tokens, lrs)
+    return _Slot(spec, result, plan, batches, widths, tokens, window, lrs)
