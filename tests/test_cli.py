@@ -286,3 +286,14 @@ def test_smoke_subprocess(tmp_path, fresh_tiny):
     assert any("lora_A" in n for n, _ in model.named_parameters())
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["final"]) == {"heldout_instances", "heldout_tasks"} and m["trial"]["status"] == "ok"
+
+
+def test_closed_pipe_gives_no_traceback():
+    """`python -m lora_ablate config | head -1`: the reader leaving early is not a crash."""
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ablate", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `head -1` exiting
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

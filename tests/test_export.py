@@ -250,6 +250,8 @@ def test_targets_and_selections_accept_both_forms():
     assert canonical_targets("qkvomlp") == "q,k,v,o,mlp"
     assert parse_selection("r=8,targets=q,v") == {"r": "8", "targets": "q,v"}
     assert parse_selection("targets=qv, r=8") == {"targets": "qv", "r": "8"}
+    assert parse_selection("r=64 seed=0") == {"r": "64", "seed": "0"}
+    assert parse_selection("targets=q v r=8") == {"targets": "q v", "r": "8"}  # canonical_targets reads q v
     with pytest.raises(UserError, match="roles from"):
         canonical_targets("qx")
 

@@ -466,13 +466,24 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     space_file = tmp_path / "two.yaml"
     space_file.write_text("axes:\n  lora.r: {grid: [1, 2]}\n")
     for extra in (["--pruner", "median"], ["--objective", "nope/nll"], ["--seeds", "0"], ["lora.r=4"],
-                  ["--storage", "optuna.db"]):
+                  ["--storage", "optuna.db"], [f"data.train={tmp_path / 'missing.jsonl'}"]):
         assert main(["study", *cli_args(ws, space_file), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
     assert main(["status", "--workspace", str(ws)]) == 2
     assert "no Optuna storage" in capsys.readouterr().err
     assert not ws.exists()
+
+
+def test_a_study_whose_first_run_failed_on_its_input_resumes_with_the_fixed_input(tmp_path, ctx, experiment):
+    """A typo in a data path must not leave a study name that refuses the corrected command."""
+    run(experiment(RANK3, tmp_path, study={"n_trials": 1}), RANK3, ctx)  # the workspace exists now
+    other = {"name": "typo"}
+    with pytest.raises(UserError, match="does not exist"):
+        run_study(experiment(RANK3, tmp_path, study=other, data={"train": str(tmp_path / "missing.jsonl")}),
+                  RANK3, progress=False)
+    report = run(experiment(RANK3, tmp_path, study={**other, "n_trials": 1}), RANK3, ctx)
+    assert [o.state for o in report.outcomes] == ["COMPLETE"]
 
 
 def test_sigterm_ends_a_study_like_ctrl_c():

@@ -194,3 +194,31 @@ def test_ui_serves_the_study_over_the_mlflow_rest_api(rank_study):
                        for run in runs)
         assert kinds == ["study"] + ["trial"] * 6
     assert server.process.poll() is not None, "the UI server outlived its context"
+
+
+def test_ui_command_stops_its_server_on_sigterm(monkeypatch):
+    """`kill <pid>` of `python -m lora_ablate ui` must not leave the mlflow server running, orphaned."""
+    import os
+    import signal
+    import types
+
+    from lora_ablate.commands import study as study_cmd
+
+    polls, stopped, seen = [], [], []
+
+    def poll():
+        polls.append(1)
+        if len(polls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None if len(polls) < 3 else 0
+
+    server = types.SimpleNamespace(url="http://127.0.0.1:1", process=types.SimpleNamespace(poll=poll),
+                                   stop=lambda: stopped.append(1))
+    monkeypatch.setattr(study_cmd, "open_ui", lambda *a: server)
+    monkeypatch.setattr(study_cmd.time, "sleep", lambda s: None)
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(1))  # without the fix: survive, keep polling
+    try:
+        assert study_cmd.cmd_ui(types.SimpleNamespace(workspace=Path("ws"), host="127.0.0.1", port=0)) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped == [1] and len(polls) == 1 and not seen

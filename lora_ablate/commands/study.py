@@ -58,8 +58,14 @@ def study(space: str | None = None, config: Path | None = None, overrides: list[
     from lora_ablate.tracking import make_tracker
 
     sp, exp = study_setup(space, config, overrides, settings)
+    ctx = None
+    if not exp.study.storage and not (Path(exp.study.workspace) / "optuna.db").exists():
+        # a new workspace: check the data and the model before creating it, so a bad file leaves nothing
+        from lora_ablate.context import build_context
+
+        ctx = build_context(exp, targets=sp.target_sets() or None)
     with _sigterm_as_interrupt():
-        report = run_study(exp, sp, tracker=make_tracker(exp), progress=progress)
+        report = run_study(exp, sp, tracker=make_tracker(exp), context=ctx, progress=progress)
     print_report(report, exp)
     return report
 
@@ -212,12 +218,18 @@ def cmd_status(args) -> int:
 def cmd_ui(args) -> int:
     server = open_ui(args.workspace, args.host, args.port)
     print(f"MLflow UI: {server.url}   (Ctrl-C stops it)", flush=True)
+
+    def terminate(signum, frame):  # `kill` stops the server too, not only Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         while server.process.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
     return 0
 

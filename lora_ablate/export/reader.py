@@ -373,11 +373,12 @@ def _frame(runs) -> pd.DataFrame:
 
 
 def parse_selection(text: str) -> dict[str, str]:
-    """``"r=8,targets=q,v"`` -> ``{"r": "8", "targets": "q,v"}``: a comma-separated piece without ``=``
+    """``"r=8,targets=q,v"`` (or ``"r=8 targets=qv"``) -> ``{"r": "8", "targets": "q,v"}``: a piece without ``=``
     continues the previous value, so the tracking form of targets needs no quoting."""
     out: dict[str, str] = {}
     last = None
-    for piece in (p.strip() for p in str(text).split(",")):
+    # pairs are separated by commas or by spaces ("r=64 seed=0"); "targets=q v" keeps its space
+    for piece in (p.strip() for p in re.split(r",|\s+(?=[\w.]+\s*=)", str(text).strip())):
         if not piece:
             continue
         if "=" in piece:

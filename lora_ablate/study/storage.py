@@ -70,7 +70,8 @@ def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: h
     study = optuna.create_study(storage=storage, study_name=name, direction=objective.direction,
                                 sampler=sampler(space, exp, n_before), pruner=pruner(exp), load_if_exists=True)
     shared = base_config(exp, space)
-    if not existing:
+    # a study that never got a trial (its first run stopped at a bad data file, say) takes this run's settings
+    if not existing or (n_before == 0 and study.direction.name.lower() == objective.direction):
         for key, value in {"space": space.name, "kind": space.kind, "objective": objective.name,
                            "base_config": shared}.items():
             study.set_user_attr(key, value)
