@@ -546,7 +546,7 @@ def test_unknown_metric_lists_the_available(store, tmp_path, capsys):
 def test_bad_format_lists_the_valid(store, tmp_path, capsys):
     err = _error(capsys, ["export", "--study", "rank-demo", "--tracking-uri", store["uri"], "--out",
                           str(tmp_path / "x"), "--format", "md,pdf"])
-    assert "md, csv, tex, html" in err
+    assert "md, csv, tex, html" in err and "format 'pdf' is not valid" in err
 
 
 def test_selections_that_match_nothing_or_too_much(store, capsys):

@@ -30,7 +30,8 @@ def parse_formats(text: str) -> list[str]:
     formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise UserError(f"--format {text!r} is not valid; choose a comma-separated subset of: {choices(FORMATS)}")
+        what = f"format {bad[0]!r}" if bad else f"--format {text!r}"
+        raise UserError(f"{what} is not valid; choose a comma-separated subset of: {choices(FORMATS)}")
     return list(dict.fromkeys(formats))
 
 

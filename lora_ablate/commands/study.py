@@ -109,7 +109,9 @@ def print_report(report: StudyReport, exp: Experiment) -> None:
         print(f"  {running} trial(s) RUNNING elsewhere; a dead worker's trials fail after {GRACE_S} s without "
               "heartbeat and are trained again by the next run")
     if report.best:
-        params = " ".join(f"{k}={v}" for k, v in report.best["params"].items())
+        from lora_ablate.study.report import fmt_param
+
+        params = " ".join(f"{k}={fmt_param(v)}" for k, v in report.best["params"].items())
         print(f"  best: trial {report.best['number']} [{params}] {report.objective.name}={report.best['value']:.4f}")
     if report.objective.name in report.base:
         print(f"  base model: {report.objective.name}={report.base[report.objective.name]:.4f}")

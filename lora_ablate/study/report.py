@@ -60,12 +60,13 @@ def study_summary(study) -> dict[str, float]:
     return summary
 
 
-def _fmt(v) -> str:
+def fmt_param(v) -> str:
+    """A parameter value as people read it: sampled floats to 3 significant digits."""
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def describe(o: TrialOutcome, objective: Objective) -> str:
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in o.params.items())
+    params = " ".join(f"{k}={fmt_param(v)}" for k, v in o.params.items())
     if o.state == "COMPLETE":
         what = f"{objective.name}={o.value:.4f}"
     else:
