@@ -38,8 +38,11 @@ def evaluate_adapter(adapter: Path, config: Path | None = None, overrides: list[
 
     from peft.tuners.lora import LoraLayer
 
-    scales = {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)}
-    print_metrics({"targets": str(model.peft_config["default"].target_modules),
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    scales = {m.scaling["default"] for m in layers.values()}
+    # the adapted module names, as people read them (the saved config only holds peft's regex)
+    adapted = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
+    print_metrics({"targets": f"{adapted} ({len(layers)} modules)",
                    "scaling": scales.pop() if len(scales) == 1 else float("nan"), "final": report.metrics})
     if out is not None:
         Path(out).write_text(json.dumps({"metrics": report.metrics, "examples": report.examples}, indent=2))
