@@ -135,12 +135,20 @@ def _check_json_lines(path: Path) -> None:
 
 
 def _hub_rows(dataset_id: str) -> list[dict]:
+    import logging
+
     import datasets
 
+    # without a network the hub client logs every retry; the one-line error below says what matters
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         return list(datasets.load_dataset(dataset_id, split="train"))
     except Exception as e:
         raise UserError(f"hub dataset {dataset_id!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _flatten_self_instruct(row: dict, where: str, i: int) -> dict:
