@@ -26,6 +26,27 @@ class EvalReport:
     def flat(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{s}/{k}": v for s, m in self.metrics.items() for k, v in m.items()}
 
+    def add(self, s: EvalSet, nll: tuple[float, list[float], list[int]], preds: list[str] | None) -> None:
+        """One set's metrics and per-example rows, from ``Evaluator.nll``'s result and the predictions
+        (None: NLL only). Shared by the single and the packed evaluation."""
+        from lora_ablate.metrics import score
+
+        mean_nll, per_ex, counts = nll
+        m = {"nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)), "n": float(len(per_ex))}
+        rows = [{"set": s.name, "idx": i, "family": ex.family, "nll": per_ex[i], "tokens": counts[i]}
+                for i, ex in enumerate(s.examples)]
+        if preds is not None:
+            refs = [ex.output for ex in s.examples]
+            for metric in GEN_METRICS:
+                mean, scores = score(metric, preds, refs)
+                m[metric] = mean
+                for row, sc in zip(rows, scores):
+                    row[metric] = sc
+            for row, p in zip(rows, preds):
+                row["prediction"] = p
+        self.metrics[s.name] = m
+        self.examples += rows
+
 
 class Evaluator:
     """Pre-tokenises the held-out sets once; evaluates any model (base, peft-wrapped, merged) on them."""
@@ -80,26 +101,11 @@ class Evaluator:
         return preds
 
     def run(self, model, device, generate: bool | None = None) -> EvalReport:
-        from lora_ablate.metrics import score
-
         generate = self.cfg.generate if generate is None else generate
         report = EvalReport()
-        for name, (mean_nll, per_ex, counts) in self.nll(model, device).items():
-            m = {"nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)), "n": float(len(per_ex))}
-            rows = [{"set": name, "idx": i, "family": ex.family, "nll": per_ex[i], "tokens": counts[i]}
-                    for i, ex in enumerate(next(s for s in self.sets if s.name == name).examples)]
-            if generate:
-                preds = self.generate(model, device, name)
-                refs = [r.output for r in next(s for s in self.sets if s.name == name).examples]
-                for metric in GEN_METRICS:
-                    mean, scores = score(metric, preds, refs)
-                    m[metric] = mean
-                    for row, sc in zip(rows, scores):
-                        row[metric] = sc
-                for row, p in zip(rows, preds):
-                    row["prediction"] = p
-            report.metrics[name] = m
-            report.examples += rows
+        nlls = self.nll(model, device)
+        for s in self.sets:
+            report.add(s, nlls[s.name], self.generate(model, device, s.name) if generate else None)
         return report
 
 

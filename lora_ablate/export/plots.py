@@ -88,7 +88,7 @@ def rank_plot(study: Study, metric: str, hue: Axis | None, out_dir: Path) -> Plo
     title = f"{metric_label(metric)} against rank{by}"
     ax.set_title(title)
     others = [a.label for a in study.axes if a.name not in ("r", hue.name if hue else "")]
-    caption = (f"Mean over trials with a 95% t-interval band (absent where a point has one trial)."
+    caption = ("Mean over trials with a 95% t-interval band (absent where a point has one trial)."
                + (f" Marginal over {', '.join(others)}." if others else ""))
     name = f"rank_{stem(metric)}" + (f"_by_{stem(hue.name)}" if hue else "")
     return save(fig, out_dir, name, title, caption)

@@ -3,11 +3,9 @@ group of trials over the same stacked batch, giving ``Evaluator.run``'s reports 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from lora_ablate.evaluation import GEN_METRICS, EvalReport, Evaluator, left_padded, token_nll
+from lora_ablate.evaluation import EvalReport, Evaluator, left_padded, token_nll
 from lora_ablate.packed.pack import _Pack
 from lora_ablate.packed.slot import _Slot
 
@@ -89,26 +87,10 @@ def packed_generate(pack: _Pack, evaluator: Evaluator, slots: list[_Slot], name:
 
 def packed_reports(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[EvalReport]:
     """``Evaluator.run`` for each slot: per-set NLL/ppl (and generation metrics), per-example rows."""
-    from lora_ablate.metrics import score
-
     nlls = packed_nll(pack, evaluator, slots)
     reports = [EvalReport() for _ in slots]
     for s in evaluator.sets:
         preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.cfg.generate else None
-        refs = [ex.output for ex in s.examples]
         for k, report in enumerate(reports):
-            mean_nll, per_ex, counts = nlls[k][s.name]
-            m = {"nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)), "n": float(len(per_ex))}
-            rows = [{"set": s.name, "idx": i, "family": ex.family, "nll": per_ex[i], "tokens": counts[i]}
-                    for i, ex in enumerate(s.examples)]
-            if preds is not None:
-                for metric in GEN_METRICS:
-                    mean, scores = score(metric, preds[k], refs)
-                    m[metric] = mean
-                    for row, sc in zip(rows, scores):
-                        row[metric] = sc
-                for row, p in zip(rows, preds[k]):
-                    row["prediction"] = p
-            report.metrics[s.name] = m
-            report.examples += rows
+            report.add(s, nlls[k][s.name], preds[k] if preds is not None else None)
     return reports
