@@ -59,6 +59,7 @@ class Setup:
     packs: list[int]
     compiled: list[int]
     smoke: bool
+    eager: list[int]
 
 
 def fixed_length_rows(tokenizer, seq: int, records: int) -> Encoded:
@@ -233,10 +234,12 @@ def rank_study(setup: Setup, pack: int | None) -> dict:
     k = pack or min(len(specs), auto_pack_size(ctx.base, specs, ctx.train))
     queue = specs[k:]
     results = train_packed(ctx.base, specs[:k], ctx.train, ctx.evaluator, progress=False,
-                           refill=lambda: queue.pop(0) if queue else None)
+                           refill=lambda: queue.pop(0) if queue else None,
+                           compile=setup.device.type == "cuda")  # the study's default (study.compile=auto)
     total = time.perf_counter() - t0
     ok = [r for r in results if r.status == "ok"]
     return {"trials": len(specs), "ok": len(ok), "steps": exp.train.steps, "pack": k, "settings": overrides,
+            "compiled": setup.device.type == "cuda",
             "seconds_total": total, "seconds_load": loaded, "seconds_train_and_eval": total - loaded,
             "objective": {r.spec.name: r.final.metrics[exp.eval.sets[0]]["nll"] for r in ok}}
 
@@ -268,7 +271,7 @@ class Report:
     def targets(self) -> dict:
         """The issue's goals against what was measured (None where a part is missing)."""
         rows = {r["name"]: r for r in self.data["rows"] if not r.get("error")}
-        fast = [r for n, r in rows.items() if n in ("packed_k1", "packed_k1_compiled") and not r.get("compile_fallback")]
+        fast = [r for n, r in rows.items() if n in ("packed_k1", "packed_k1_compiled") and not r.get("fallback")]
         packs = [r for n, r in rows.items() if n.startswith("packed_") and r["trials"] > 1]
         single = rows.get("single_trial")
         best_fast = max((r.get("ratio_to_baseline") or 0 for r in fast), default=None)
@@ -328,7 +331,7 @@ def attempt(report: Report, name: str, fn) -> dict | None:
 # ----------------------------------------------------------------------------------------- main
 
 
-PARTS = ("baseline", "single", "packed", "auto", "compiled", "study")
+PARTS = ("baseline", "single", "eager", "packed", "auto", "compiled", "profile", "study")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -339,10 +342,14 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--packs", default="1,4,8,16,32", help="pack sizes K to measure")
     p.add_argument("--compiled", default=None, help="pack sizes to measure again with torch.compile "
-                                                     "(default 1,16 on a GPU, none on a CPU)")
-    p.add_argument("--parts", default=",".join(PARTS[:-1]), help=f"comma list of {', '.join(PARTS)}")
+                                                     "(default 1,16,32 on a GPU, none on a CPU)")
+    p.add_argument("--eager", default="1,16", help="pack sizes to measure with the eager reference step "
+                                                    "(full logits, no CUDA graphs)")
+    p.add_argument("--parts", default=",".join(PARTS[:-2]), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--study", action="store_true", help="also time the default rank study (adds 'study')")
     p.add_argument("--study-pack", type=int, default=0, help="pack size for the study (0: auto, at most 21)")
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="keep SDPA off its cuDNN backend (flash instead), to compare attention kernels")
     return p.parse_args(argv)
 
 
@@ -355,15 +362,19 @@ def main(argv=None) -> dict:
     warmup = min(args.warmup, steps) if smoke else args.warmup
     if steps % warmup:
         steps += warmup - steps % warmup  # the clock ticks every `warmup` steps
-    compiled = args.compiled if args.compiled is not None else ("" if smoke else "1,16")
+    compiled = args.compiled if args.compiled is not None else ("" if smoke else "1,16,32")
     setup = Setup(device, "tiny-llama" if smoke else "smollm2-135m-instruct", 64 if smoke else 256, 8, warmup, steps,
-                  [int(k) for k in args.packs.split(",") if k], [int(k) for k in compiled.split(",") if k], smoke)
+                  [int(k) for k in args.packs.split(",") if k], [int(k) for k in compiled.split(",") if k], smoke,
+                  [int(k) for k in args.eager.split(",") if k])
     parts = set(args.parts.split(",")) | ({"study"} if args.study else set())
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     report = Report(args.out, {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                                "torch": torch.__version__, "python": platform.python_version(),
                                "model": setup.model_name, "batch": setup.batch, "seq": setup.seq,
                                "lora": "r=8, alpha=r, q/k/v/o", "warmup_steps": warmup, "timed_steps": steps,
+                               "cudnn_attention": not args.no_cudnn_attention,
                                "flops_per_token": 0, "params": 0})
     _versions(report)
     if parts - {"study"}:
@@ -406,21 +417,74 @@ def _throughput(report: Report, setup: Setup, parts: set[str]) -> None:
             "single_trial", setup, lambda clock: train_trials(base, [spec], data, None, clock, progress=False), 1))
     if "packed" in parts:
         for k in setup.packs:
-            attempt(report, f"packed_k{k}", lambda k=k: measure(
-                f"packed_k{k}", setup, lambda clock: train_packed(base, [lora_spec(setup, seed=i) for i in range(k)],
-                                                                  data, None, clock, progress=False), k))
+            attempt(report, f"packed_k{k}", lambda k=k: pack_row(f"packed_k{k}", base, data, setup, k))
+    if "eager" in parts:  # the reference step: full logits, no CUDA graphs (what packed_k* ran before)
+        for k in setup.eager:
+            attempt(report, f"packed_k{k}_eager", lambda k=k: pack_row(
+                f"packed_k{k}_eager", base, data, setup, k, fused_head=False, cuda_graphs=False))
     if "auto" in parts:
         def auto():
             t = time.perf_counter()
             k = auto_pack_size(base, spec, data)
-            row = measure("packed_auto", setup, lambda clock: train_packed(
-                base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False), k)
+            row = pack_row("packed_auto", base, data, setup, k)
             return {**row, "sizing_seconds": time.perf_counter() - t - row["seconds"] - row["warmup_seconds"]}
 
         attempt(report, "packed_auto", auto)
     if "compiled" in parts:
         for k in setup.compiled:
-            attempt(report, f"packed_k{k}_compiled", lambda k=k: compiled_pack(base, data, setup, k))
+            attempt(report, f"packed_k{k}_compiled", lambda k=k: pack_row(f"packed_k{k}_compiled", base, data, setup,
+                                                                           k, compile=True))
+    if "profile" in parts:
+        report.data["profile"] = profile(base, data, setup)
+        report.save()
+
+
+def pack_row(name: str, base, data: Encoded, setup: Setup, k: int, **options) -> dict:
+    """One pack of ``k`` copies of the benchmark trial (different seeds) with ``train_packed``'s ``options``;
+    a torch.compile or CUDA-graph fallback to eager is reported in the row."""
+    caught = _Warnings()
+    logger = logging.getLogger("lora_ablate.packed")
+    logger.addHandler(caught)
+    try:
+        row = measure(name, setup, lambda clock: train_packed(
+            base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False, **options), k)
+    finally:
+        logger.removeHandler(caught)
+    fallback = [m for m in caught.messages if "failed" in m]
+    return {**row, "options": {k: str(v) for k, v in options.items()}, "fallback": fallback[0] if fallback else None}
+
+
+def profile(base, data: Encoded, setup: Setup, k: int = 16, steps: int = 3) -> dict:
+    """Where a packed step's device time goes: torch.profiler over ``steps`` compiled, fused-head steps of a
+    pack of ``k`` (without CUDA graphs, so every kernel is seen; they are the same kernels), by operator."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = setup.device.type == "cuda"
+    k = k if cuda else 2
+    prof = torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    class Window(TrialHooks):  # every step logs; profile steps 2 .. steps + 1 (step 1 compiles)
+        def on_train_log(self, spec, step, values):
+            if spec.name == "bench-0" and step in (1, 1 + steps):
+                sync(setup.device)
+                prof.start() if step == 1 else prof.stop()
+
+    specs = [TrialSpec(s.lora, dataclasses.replace(s.train, steps=steps + 2, log_every=1), name=s.name)
+             for s in (lora_spec(setup, seed=i) for i in range(k))]
+    train_packed(base, specs, data, None, Window(), progress=False, compile=cuda, cuda_graphs=False)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    # on a GPU the kernels themselves (device-side events) hold the device time; operators only sum it up
+    kernels = [e for e in events if not cuda or "CUDA" in str(getattr(e, "device_type", ""))]
+    ms = lambda e, attr=key: (getattr(e, attr, 0) or 0) / 1e3 / steps  # noqa: E731
+    return {"trials": k, "steps": steps, "per_step_ms": sum(ms(e) for e in kernels),
+            "top_kernels": [{"name": e.key[:120], "calls": e.count // steps, "ms_per_step": ms(e)}
+                            for e in sorted(kernels, key=lambda e: -ms(e))[:40]],
+            "top_operators": [{"name": e.key[:120], "calls": e.count // steps,
+                               "ms_per_step": ms(e, "device_time_total" if cuda else "cpu_time_total")}
+                              for e in sorted(events, key=lambda e: -ms(e, "device_time_total" if cuda else "cpu_time_total"))[:40]],
+            "table": events.table(sort_by=key, row_limit=40, max_name_column_width=80)}
 
 
 class _Warnings(logging.Handler):
@@ -430,20 +494,6 @@ class _Warnings(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
-
-
-def compiled_pack(base, data: Encoded, setup: Setup, k: int) -> dict:
-    """A pack with torch.compile; if compilation failed and the pack fell back to eager, the row says so."""
-    caught = _Warnings()
-    logger = logging.getLogger("lora_ablate.packed")
-    logger.addHandler(caught)
-    try:
-        row = measure(f"packed_k{k}_compiled", setup, lambda clock: train_packed(
-            base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False, compile=True), k)
-    finally:
-        logger.removeHandler(caught)
-    fallback = [m for m in caught.messages if "torch.compile failed" in m]
-    return {**row, "compile_fallback": fallback[0] if fallback else None}
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ class StudyConfig:
     direction: str = _f("auto", "minimize, maximize, or auto (from the metric: nll/ppl down, scores up)")
     pruner: str = _f("none", "prune on intermediate held-out loss: none, median, hyperband")
     pack: str = _f("1", "trials trained together in one pass over the base: a number or auto")
+    compile: str = _f("auto", "torch.compile the model's blocks in packed training (about 2x faster steps on a "
+                              "GPU after a one-off compilation): auto (on a GPU), true, false")
     workspace: str = _f("lora_ablate_runs", "folder of the embedded stores: optuna.db, mlflow.db, artifacts/")
     storage: str = _f("", "Optuna RDB storage URL (default: sqlite:///<workspace>/optuna.db)")
     retry_failed: bool = _f(True, "train failed trials again when the study is resumed (false: a failure is final)")
@@ -202,6 +204,7 @@ class StudyConfig:
                             "e.g. heldout_instances/nll or heldout_instances/exact_match")
         if self.pack != "auto" and not (str(self.pack).isdigit() and int(self.pack) >= 1):
             raise UserError(f"study.pack={self.pack!r} is not valid; give a positive integer or auto")
+        _one_of("study", "compile", str(self.compile).lower(), ("auto", "true", "false"))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,18 +126,20 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = _locate(cfg.name)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    source = str(Path(where) / gguf) if gguf else where
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        if gguf:
+            # dequantizing a GGUF takes 15-20 s on every load (and transformers cannot quantize while doing
+            # it): do it once into a cached fp32 checkpoint, exactly the tensors a direct load gives
+            where = _dequantized_cache(where, gguf)
+        tok = AutoTokenizer.from_pretrained(where)
         if cfg.quantization == "none":
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         else:
-            model = _load_quantized(where, gguf, cfg.quantization, dtype, device)
+            model = _load_quantized(where, cfg.quantization, dtype, device)
     except OSError as e:
         raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
-    if gguf and cfg.quantization == "none":
-        _forget_gguf_quantizer(model)
-    return model, tok, (str(Path(where) / gguf) if gguf else where)
+    return model, tok, source
 
 
 def _forget_gguf_quantizer(model) -> None:
@@ -149,15 +152,11 @@ def _forget_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _load_quantized(where: str, gguf: str | None, mode: str, dtype: torch.dtype, device: torch.device):
+def _load_quantized(where: str, mode: str, dtype: torch.dtype, device: torch.device):
     """bitsandbytes 8-bit or 4-bit (nf4) base, prepared for k-bit training."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if gguf:
-        # transformers cannot quantize while dequantizing a GGUF: materialise the dequantized
-        # checkpoint once in a cache keyed by the file's identity, then quantize that.
-        where = _dequantized_cache(where, gguf)
     if mode == "8bit":
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -170,16 +169,22 @@ def _load_quantized(where: str, gguf: str | None, mode: str, dtype: torch.dtype,
 
 
 def _dequantized_cache(where: str, gguf: str) -> str:
+    """A Hugging Face checkpoint (fp32 weights, tokenizer) of the GGUF file, written once into
+    ``$LORA_ABLATE_CACHE`` (default ~/.cache/lora_ablate) under a key of the file's path, size and mtime."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(where) / gguf
     key = hashlib.sha256(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate")) / f"dequant-{key}"
+    cache = Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate")) / f"gguf-fp32-{key}"
     if not (cache / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float16)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
         _forget_gguf_quantizer(model)
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")  # concurrent first loads each write their own
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(where, gguf_file=gguf).save_pretrained(tmp)
-        tmp.rename(cache)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process got there first: its checkpoint is the same
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)

@@ -60,6 +60,10 @@ _ARCHITECTURES: dict[str, dict[str, tuple[str, ...]]] = {
 
 KNOWN_ARCHITECTURES = tuple(sorted(_ARCHITECTURES))
 
+# Architectures whose logits are exactly ``lm_head(get_decoder()(...).last_hidden_state)``: no soft-capping or
+# scaling after the head (gemma2 and gemma3 soft-cap their logits, so they are absent).
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"})
+
 
 @dataclass(frozen=True)
 class TargetPlan:
@@ -81,6 +85,17 @@ def role_names(model_type: str) -> dict[str, tuple[str, ...]]:
     if model_type not in _ARCHITECTURES:
         raise UserError(f"unknown architecture {model_type!r}; known architectures: {choices(KNOWN_ARCHITECTURES)}")
     return dict(_ARCHITECTURES[model_type])
+
+
+def plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """(decoder, head weight [V, d]) when the model's logits are exactly the decoder's final states times the
+    head's weight transposed, so a loss may skip materialising them; None for any other model."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD:
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # noqa: E721 - a subclass may do more
+        return None
+    return model.get_decoder(), head.weight
 
 
 def linear_module_suffixes(model: torch.nn.Module) -> list[str]:

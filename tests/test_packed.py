@@ -167,6 +167,49 @@ def test_packed_trials_match_single_path(base, padded, evaluator, references):
     assert base.model.config._attn_implementation == "sdpa"
 
 
+def test_fused_head_loss_matches_single_path(base, padded, evaluator, references):
+    """The chunked LM-head loss (the default on a GPU) trains the same trials as the full-logits path."""
+    for got in train_packed(base, MIXED, padded, evaluator, progress=False, fused_head=True):
+        assert_same_trial(references[got.spec.name], got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_nll_equals_cross_entropy_over_full_logits(monkeypatch, dtype):
+    """Values and gradient of head_nll against autograd through token_nll(h @ W.T), across several chunks,
+    with masked labels and a per-token upstream weight."""
+    from lora_ablate.data import IGNORE
+    from lora_ablate.evaluation import token_nll
+    from lora_ablate.packed import loss
+
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 1)  # the smallest chunk: 256 rows, so 3 x 150 rows make 2 chunks
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 150, 16, generator=g).to(dtype)
+    weight = torch.randn(50, 16, generator=g).to(dtype)
+    labels = torch.randint(0, 50, (3, 150), generator=g)
+    labels[torch.rand(3, 150, generator=g) < 0.3] = IGNORE
+    upstream = torch.rand(3, 150, generator=g)
+
+    def through_logits(h, weight):
+        h = h.clone().requires_grad_()
+        nll, _ = token_nll(h @ weight.t(), labels)
+        (nll * upstream[:, :-1]).sum().backward()
+        return nll, h.grad
+
+    ref, ref_grad = through_logits(h, weight)
+    got_h = h.clone().requires_grad_()
+    got = loss.head_nll(got_h, weight, labels)
+    (got * upstream).sum().backward()
+
+    assert got.shape == (3, 150) and got.dtype == torch.float32 and not got[:, -1].any()
+    torch.testing.assert_close(got[:, :-1], ref, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_h.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    else:  # the upstream factor is applied after the bf16 product, not before: as close to fp32 as autograd is
+        _, exact = through_logits(h.float(), weight.float())
+        assert (got_h.grad.float() - exact).abs().max() <= 2 * (ref_grad.float() - exact).abs().max()
+    assert not got_h.grad[labels.roll(-1, 1).eq(IGNORE) | torch.arange(150).eq(149)].any()  # no label: no gradient
+
+
 def test_one_trial_is_bit_identical_to_single_path(base, unpadded, tmp_path):
     """K = 1 (the fast single trial) reproduces train_one to the bit on unpadded batches, gradient
     accumulation, weight decay, clipping and dropout included, through train_trials(packed=True)."""

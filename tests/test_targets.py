@@ -9,8 +9,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lora_ablate.errors import UserError
-from lora_ablate.targets import (KNOWN_ARCHITECTURES, TargetPlan, linear_module_suffixes, resolve_targets,
-                                 role_names)
+from lora_ablate.targets import (KNOWN_ARCHITECTURES, TargetPlan, linear_module_suffixes, plain_head,
+                                 resolve_targets, role_names)
 
 LAYERS = 2
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -225,3 +225,18 @@ def test_plan_is_frozen_and_hashable():
     with pytest.raises(AttributeError):
         plan.roles = ("v",)
     hash(plan)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_plain_head_only_where_logits_are_final_states_times_head(arch):
+    """The fused training loss (packed/loss.py) trusts plain_head: wherever it answers, the model's logits
+    must be exactly its decoder's final states times the head's weight; gemma2/3 soft-cap, so never there."""
+    model = tiny(arch).eval()
+    found = plain_head(model)
+    assert (found is not None) == (arch in {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}), arch
+    if found is None:
+        return
+    decoder, weight = found
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state @ weight.t(), model(input_ids=ids).logits)

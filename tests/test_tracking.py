@@ -131,6 +131,33 @@ def test_trial_runs_hold_the_documented_params_metrics_tags_and_artifacts(rank_s
     assert seen == {(r, s) for r in (1, 2, 4) for s in (0, 1)}
 
 
+def test_step_metrics_are_buffered_and_all_written_when_the_run_ends(tmp_path):
+    """A run's step metrics reach the store at most every FLUSH_SECONDS (the first at once), and every point
+    is there once the run ends, however it ends."""
+    from lora_ablate import tracking
+
+    tracker = tracking.MlflowTracker(default_uri(tmp_path), tmp_path / "artifacts")
+    now = [100.0]
+    tracker.clock = lambda: now[0]
+    experiment_id = tracker.client.create_experiment("buffered")
+    run_id = tracker.client.create_run(experiment_id).info.run_id
+
+    def steps():
+        return sorted(m.step for m in tracker.client.get_metric_history(run_id, "train/loss"))
+
+    tracker.log_step(run_id, 1, {"train/loss": 3.0})
+    tracker.log_step(run_id, 2, {"train/loss": 2.0, "train/lr": 1e-3})
+    assert steps() == [1]
+    now[0] += tracking.FLUSH_SECONDS
+    tracker.log_step(run_id, 3, {"train/loss": 1.0})
+    assert steps() == [1, 2, 3]
+    tracker.log_step(run_id, 4, {"train/loss": 0.5})
+    assert steps() == [1, 2, 3]
+    tracker.fail_run(run_id, "stopped")
+    assert steps() == [1, 2, 3, 4]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "train/lr")] == [2]
+
+
 def test_trial_params_are_stable_and_redact_secrets(make_exp):
     exp = make_exp(lora={"r": 4, "alpha_rule": "free", "alpha": 8.0, "targets": ["v", "q"]},
                    study={"storage": "postgresql://me:hunter2@db/optuna"})

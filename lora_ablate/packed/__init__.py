@@ -12,15 +12,15 @@ What a trial keeps to itself, exactly as on the single path (``engine.train_one`
   order (``batch_order`` with its seed), batch size (short trials get all-masked filler rows), gradient
   accumulation, token-mean loss per micro-batch, gradient clipping and AdamW state, dropout rate.
 
-All trainable state of the pack lives in four flat fp32 tensors of shape [numel, K] (weights, gradients,
-AdamW's two moments; trial-minor, so each module's block is a dense, permuted view and its gradient can
-alias the flat gradient under autograd's layout contract); each module's A and B are leaf views into
+All trainable state of the pack lives in four flat fp32 tensors of shape [K, numel] (weights, gradients,
+AdamW's two moments; trial-major, so each module's block is a view with contiguous inner dimensions and
+autograd accumulates its gradient in place, coalesced); each module's A and B are leaf views into
 them. So the optimiser, the per-trial gradient norm and the clipping are a dozen whole-pack tensor
 operations whatever K and the number of modules, and no per-step value ever leaves the device
 (schedules and data order are precomputed on it).
 
-A trial that diverges, is pruned or finishes leaves the pack: its column is dropped and the surviving
-columns are copied, bit for bit, into a re-laid-out pack (a new trial may take the slot, see ``refill``).
+A trial that diverges, is pruned or finishes leaves the pack: its row is dropped and the surviving
+rows are copied, bit for bit, into a re-laid-out pack (a new trial may take the slot, see ``refill``).
 
 K = 1 is the fast single trial: the same code with peft's own operations for the adapter product and
 ``clip_grad_norm_``, so on CPU in fp32 its losses and weights equal ``train_one``'s bit for bit on
@@ -29,7 +29,7 @@ exact in arithmetic but not the same SDPA kernel: differences in the last bits.)
 
 The package, one module a part:
   ``layers``     PackedLoraLinear, the batched LoRA projection installed on each adapted module
-  ``layout``     where each trial's A and B sit in the flat [numel, K] tensors; carrying survivors over
+  ``layout``     where each trial's A and B sit in the flat [K, numel] tensors; carrying survivors over
   ``slot``       one trial: spec, result, precomputed data order, token counts and learning rates
   ``init``       peft-identical LoRA A initialisation
   ``data``       the training set on the device

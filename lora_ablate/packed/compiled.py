@@ -15,7 +15,10 @@ class _CompiledBlocks:
     def __init__(self, model: torch.nn.Module, lists: list[torch.nn.ModuleList]):
         self.model, self.lists = model, lists
         self.eager = [list(ml) for ml in lists]
-        self.compiled = [[torch.compile(block) for block in ml] for ml in lists]
+        # dynamic=False: one specialised graph per shape (packs of different K, width buckets) rather than
+        # a dynamic-shape graph after the second shape; the recompile limit is raised to leave room for them
+        _raise_recompile_limit(64)
+        self.compiled = [[torch.compile(block, dynamic=False) for block in ml] for ml in lists]
 
     @contextlib.contextmanager
     def active(self):
@@ -40,6 +43,14 @@ class _CompiledBlocks:
         for ml, mods in zip(self.lists, blocks):
             for i, mod in enumerate(mods):
                 ml[i] = mod
+
+
+def _raise_recompile_limit(n: int) -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+        if hasattr(config, name):
+            setattr(config, name, max(n, getattr(config, name)))
+            return
 
 
 def _compile_blocks(model: torch.nn.Module) -> _CompiledBlocks | None:

@@ -1,5 +1,11 @@
-"""Where each trial's adapters live in the pack's flat [numel, K] fp32 tensors, and how surviving trials'
-columns are carried, bit for bit, into a re-laid-out pack."""
+"""Where each trial's adapters live in the pack's flat [K, numel] fp32 tensors, and how surviving trials'
+rows are carried, bit for bit, into a re-laid-out pack.
+
+Trial-major: each module's block is a [K, r, in] (or [K, out, r]) view whose inner dimensions are
+contiguous, so the batched products read it directly and autograd accumulates each gradient into it
+with coalesced writes (a trial-minor layout made every accumulation a strided scatter: 10 ms of a
+97 ms step at K = 16 on an H200).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where each adapted module's A [r, in] and B [out, r] sit in a trial's column of the flat tensors."""
+    """Where each adapted module's A [r, in] and B [out, r] sit in a trial's row of the flat tensors."""
 
     r: int
     modules: tuple[tuple[str, int, int], ...]  # (name, in_features, out_features), model order
@@ -24,22 +30,22 @@ class _Layout:
         return [name for name, _, _ in self.modules]
 
     def blocks(self, flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (A [K, r, in], B [K, out, r]) views into ``flat`` [numel, K]."""
-        out, off, K, r = {}, 0, flat.shape[1], self.r
+        """name -> (A [K, r, in], B [K, out, r]) views into ``flat`` [K, numel]."""
+        out, off, K, r = {}, 0, flat.shape[0], self.r
         for name, i, o in self.modules:
-            a = flat[off:off + r * i].view(r, i, K).permute(2, 0, 1)
+            a = flat[:, off:off + r * i].view(K, r, i)
             off += r * i
-            b = flat[off:off + o * r].view(o, r, K).permute(2, 0, 1)
+            b = flat[:, off:off + o * r].view(K, o, r)
             off += o * r
             out[name] = (a, b)
         return out
 
 
 def _carry(src, src_layout: _Layout, rows, dst, dst_layout: _Layout) -> None:
-    """Copy columns ``rows`` of ``src`` (laid out as ``src_layout``) into the first columns of ``dst``."""
+    """Copy rows ``rows`` of ``src`` (laid out as ``src_layout``) into the first rows of ``dst``."""
     n = rows.numel()
     if src_layout == dst_layout:
-        dst[:, :n] = src.index_select(1, rows)
+        dst[:n] = src.index_select(0, rows)
         return
     r = min(src_layout.r, dst_layout.r)  # a survivor's rank fits both; beyond it there is only padding
     dst_blocks = dst_layout.blocks(dst)

@@ -1,4 +1,4 @@
-"""The pack's optimiser on its flat [numel, K] fp32 state: per-trial gradient clipping and AdamW, each a
+"""The pack's optimiser on its flat [K, numel] fp32 state: per-trial gradient clipping and AdamW, each a
 few whole-pack tensor operations whatever K and the number of modules; for K = 1, torch's own calls."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ def _adam_scalars(slot: _Slot, step: int) -> tuple[float, float, float]:
 
 
 def clip_per_trial_(grads: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """``clip_grad_norm_`` on each column of ``grads`` [numel, K] with its own ``max_norm`` [K] (0: none)."""
-    norm = torch.linalg.vector_norm(grads, dim=0)
+    """``clip_grad_norm_`` on each row of ``grads`` [K, numel] with its own ``max_norm`` [K] (0: none)."""
+    norm = torch.linalg.vector_norm(grads, dim=1)
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))  # max_grad_norm 0: no clipping
-    grads.mul_(coef)
+    grads.mul_(coef.unsqueeze(1))
 
 
 def adamw_single_(p, g, m, v, decay: float, step_size: float, bc2_sqrt: float, decay_on: bool) -> None:
@@ -36,7 +36,8 @@ def adamw_single_(p, g, m, v, decay: float, step_size: float, bc2_sqrt: float, d
 
 def adamw_per_trial_(p, g, m, v, decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor,
                      decay_on: bool) -> None:
-    """The same step on every column at once; the scalars are [K], one value per trial."""
+    """The same step on every row at once; the scalars are [K], one value per trial."""
+    decay, step_size, bc2_sqrt = decay.unsqueeze(1), step_size.unsqueeze(1), bc2_sqrt.unsqueeze(1)
     if decay_on:
         p.mul_(decay)
     m.lerp_(g, 1 - BETA1)

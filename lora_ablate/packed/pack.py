@@ -1,10 +1,18 @@
 """The pack: the frozen base with K trials' adapters installed, their flat fp32 state, and one training
-step (forward and backward of every micro-batch, clipping, AdamW) for all of them at once."""
+step (forward and backward of every micro-batch, clipping, AdamW) for all of them at once.
+
+A step runs eagerly (the reference) or, on a GPU, as a replay of a CUDA graph of the whole step
+(``graphs``): the host then launches one graph instead of thousands of kernels. Shapes must be static
+for that, so with graphs on, micro-batch widths are rounded up to ``GRAPH_WIDTH`` (one graph per
+distinct set of widths; right padding is exact under causal attention) and the step's data rows,
+loss divisors and AdamW scalars are copied into fixed buffers before each replay.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 
@@ -17,23 +25,40 @@ from lora_ablate.packed.data import _DeviceData
 from lora_ablate.packed.init import initial_A
 from lora_ablate.packed.layers import PackedLoraLinear, _features, _parent
 from lora_ablate.packed.layout import _carry, _Layout
+from lora_ablate.packed.loss import head_nll
 from lora_ablate.packed.optim import _adam_scalars, adamw_per_trial_, adamw_single_, clip_per_trial_
 from lora_ablate.packed.slot import _Slot
-from lora_ablate.targets import TargetPlan, _linear_modules, resolve_targets
+from lora_ablate.targets import TargetPlan, _linear_modules, plain_head, resolve_targets
 
 log = logging.getLogger(__name__)
+
+# Each module's A and B are views with gaps between trials' rows, which autograd's layout contract calls
+# "not dense"; it still accumulates into them in place, which is what the flat gradient relies on.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+GRAPH_WIDTH = 64  # micro-batch widths round up to a multiple of this under CUDA graphs: few distinct graphs
+GRAPH_MIN_SPAN = 8  # a layout that lives fewer steps than this runs eagerly: capture would cost more than it saves
+MAX_GRAPHS = 8  # distinct width patterns captured per layout; any further pattern runs eagerly
+GRAPH_WARMUP = 2  # eager forward/backward passes on a side stream before capture (compiles, cuBLAS workspaces)
 
 
 class _Pack:
     """The frozen base with K trials' adapters installed, their flat state, and one training step."""
 
-    def __init__(self, base: LoadedModel, data: Encoded, lora_dtype: torch.dtype | None, compile: bool):
+    def __init__(self, base: LoadedModel, data: Encoded, lora_dtype: torch.dtype | None, compile: bool,
+                 fused_head: bool = False, graphs: bool = False):
         self.base, self.model, self.device = base, base.model, base.device
+        # the decoder and head weight when the loss may skip the full logits (see packed/loss.py)
+        self.head = plain_head(self.model) if fused_head else None
+        self.use_graphs = graphs and base.device.type == "cuda"
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self.graph_refs: list = []  # tensors the graphs read that a re-bind would otherwise free
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
         self.slots: list[_Slot] = []
         self.layout: _Layout | None = None
-        self.weights = self.grads = self.exp_avg = self.exp_avg_sq = None  # [numel, K] fp32
+        self.weights = self.grads = self.exp_avg = self.exp_avg_sq = None  # [K, numel] fp32
         self.wrappers: dict[str, PackedLoraLinear] = {}
         self.leaves: list[torch.Tensor] = []
         self.encoded = data
@@ -53,7 +78,7 @@ class _Pack:
         layout = _Layout(max(s.spec.lora.r for s in slots),
                          tuple((n, *self.dims[n]) for n in self.dims if n in names))
         K, numel = len(slots), layout.numel
-        new = [torch.zeros(numel, K, device=self.device) for _ in range(4)]  # weights, grads, exp_avg, exp_avg_sq
+        new = [torch.zeros(K, numel, device=self.device) for _ in range(4)]  # weights, grads, exp_avg, exp_avg_sq
         running = torch.zeros(K, device=self.device)  # summed losses since each trial's last log
         if carried:
             old_rows = torch.tensor([s.row for s in carried], device=self.device)
@@ -63,10 +88,11 @@ class _Pack:
                 if src is not None:
                     _carry(src, self.layout, old_rows, dst, layout)
         for k, slot in enumerate(fresh, start=len(carried)):
-            new[0][:, k].copy_(self._initial_column(slot, layout))
+            new[0][k].copy_(self._initial_row(slot, layout))
         for k, slot in enumerate(slots):
             slot.row = k
         self.slots, self.layout = slots, layout
+        self._drop_graphs()  # they point at the old flat tensors
         self.weights, self.grads, self.exp_avg, self.exp_avg_sq = new
         self.running = running
         self.max_k = max(self.max_k, K)
@@ -74,13 +100,13 @@ class _Pack:
         self._bind()
         self._plan()
 
-    def _initial_column(self, slot: _Slot, layout: _Layout) -> torch.Tensor:
-        column = torch.zeros(layout.numel, 1)
-        blocks = layout.blocks(column)
+    def _initial_row(self, slot: _Slot, layout: _Layout) -> torch.Tensor:
+        row = torch.zeros(1, layout.numel)
+        blocks = layout.blocks(row)
         names = [n for n in layout.names if n in slot.modules]
         for name, a in initial_A(self.base, slot.spec, names).items():
             blocks[name][0][0, :slot.spec.lora.r] = a  # B stays zero, as peft initialises it
-        return column[:, 0].to(self.device)
+        return row[0].to(self.device)
 
     def plan(self, targets: tuple) -> TargetPlan:
         """resolve_targets on the bare base (the wrappers would hide the projections from it)."""
@@ -118,6 +144,7 @@ class _Pack:
             self._uninstall(name)
         if self.compiled is not None:
             self.compiled.restore()
+        self._drop_graphs()
 
     # ------------------------------------------------------------------ binding
 
@@ -182,6 +209,10 @@ class _Pack:
                     if real:
                         self.widths[j][m] = max(self.widths[j][m], s.widths[i])
                 rows[j].append(flat)
+        self.graphed = self.use_graphs and self.span >= GRAPH_MIN_SPAN
+        if self.graphed:
+            full = self.data.ids.shape[1]
+            self.widths = [[min(full, -(-w // GRAPH_WIDTH) * GRAPH_WIDTH) for w in ws] for ws in self.widths]
         self.rows = torch.tensor(rows, dtype=torch.long).to(dev)
         # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
         self.host_window = [[s.window[s.done + j] for s in slots] for j in range(self.span)]
@@ -194,27 +225,31 @@ class _Pack:
         self.host_scalars = host
         table = torch.tensor(host, dtype=torch.float64).to(torch.float32)  # [K, span, 3]
         self.scalars = table.permute(2, 1, 0).contiguous().to(dev)  # [3, span, K]
+        if self.graphed:  # what each replay reads: this step's slice of the tables above, copied in
+            self.static = (torch.empty_like(self.rows[0]), torch.empty_like(self.window[0]),
+                           torch.empty_like(self.scalars[:, 0]))
 
     # ------------------------------------------------------------------ one optimizer step
 
     def step(self) -> None:
         """One optimizer step of every slot; losses accumulate on the device (no host sync)."""
-        self._forward_backward()
-        self._clip()
-        self._adamw()
-        self.grads.zero_()
+        if not (self.graphed and self._replay()):
+            self._forward_backward(self.rows[self.j], self.widths[self.j], self.window[self.j], self.host_window[self.j])
+            self._clip()
+            self._adamw()
+            self.grads.zero_()
         for s in self.slots:
             s.done += 1
         self.j += 1
 
-    def _forward_backward(self) -> None:
+    def _forward_backward(self, rows, widths, window, host_window=None) -> None:
         if self.compiled is None:
-            self._micro_batches()
+            self._micro_batches(rows, widths, window, host_window)
             return
         running = self.running.clone()
         try:
             with self.compiled.active():
-                self._micro_batches()
+                self._micro_batches(rows, widths, window, host_window)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the reference anyway
             log.warning("torch.compile failed (%s: %s); training this pack eagerly",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -222,24 +257,98 @@ class _Pack:
             self.compiled = None
             self.grads.zero_()
             self.running.copy_(running)
-            self._micro_batches()
+            self._micro_batches(rows, widths, window, host_window)
 
-    def _micro_batches(self) -> None:
+    def _micro_batches(self, rows: torch.Tensor, widths: list[int], window: torch.Tensor,
+                       host_window: list[float] | None) -> None:
+        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b], ``window`` [K] on the device.
+        With ``host_window`` (the same divisors on the host), K = 1 reduces exactly as the single path."""
         K = len(self.slots)
         # right padding + causal attention: real tokens never see padding, so no padding mask is needed
         with _causal_attention(self.model):
             for m in range(self.ga):
-                ids, labels = self.data.batch(self.rows[self.j, m], self.widths[self.j][m])
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                nll, _ = token_nll(logits, labels)
+                ids, labels = self.data.batch(rows[m], widths[m])
+                nll = self._nll(ids, labels)
                 # summed NLL over the trial's window tokens (all its micro-batches of this step); a slot with
                 # fewer micro-batches gets filler rows here: loss 0
-                if K == 1:  # the single path's reductions, to the bit
-                    loss = (nll.sum() / self.host_window[self.j][0]).view(1)
+                if K == 1 and host_window is not None:  # the single path's reductions, to the bit
+                    loss = (nll.sum() / host_window[0]).view(1)
                 else:
-                    loss = nll.view(K, -1).sum(1) / self.window[self.j]
+                    loss = nll.view(K, -1).sum(1) / window
                 loss.sum().backward()
                 self.running += loss.detach()  # per micro-batch, in the single path's order
+
+    def _nll(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token next-token NLL of the batch (0 where masked)."""
+        if self.head is not None:
+            decoder, weight = self.head
+            # compiled on a GPU whether or not the blocks are: a small graph, and most of the loss's time
+            return head_nll(decoder(input_ids=ids, use_cache=False).last_hidden_state, weight, labels,
+                            compiled=self.device.type == "cuda")
+        return token_nll(self.model(input_ids=ids, use_cache=False).logits, labels)[0]
+
+    # ------------------------------------------------------------------ the step as a CUDA graph
+
+    def _replay(self) -> bool:
+        """Run this step as a CUDA graph (captured on first use of its widths); False: run it eagerly."""
+        key = tuple(self.widths[self.j])
+        rows, window, scalars = self.static
+        rows.copy_(self.rows[self.j])
+        window.copy_(self.window[self.j])
+        scalars.copy_(self.scalars[:, self.j])
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return False
+            graph = self._capture(list(key))
+            if graph is None:
+                return False
+        graph.replay()
+        return True
+
+    def _capture(self, widths: list[int]) -> torch.cuda.CUDAGraph | None:
+        """The whole step (forward and backward of every micro-batch, clipping, AdamW, zeroing the gradients)
+        as one CUDA graph over the static buffers; None (and graphs off for this pack) if capture fails."""
+        rows, window, scalars = self.static
+        running = self.running.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up passes: compilation, autotuning and lazy inits happen here
+            for _ in range(GRAPH_WARMUP):
+                self._forward_backward(rows, widths, window)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.grads.zero_()
+        self.running.copy_(running)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+                if self.compiled is not None:
+                    with self.compiled.active():
+                        self._micro_batches(rows, widths, window, None)
+                else:
+                    self._micro_batches(rows, widths, window, None)
+                if self.clip:
+                    clip_per_trial_(self.grads, self.max_norm)
+                adamw_per_trial_(self.weights, self.grads, self.exp_avg, self.exp_avg_sq, *scalars, self.decay_on)
+                self.grads.zero_()
+        except Exception as e:  # noqa: BLE001 - anything the capture refuses: eager steps are the reference
+            log.warning("CUDA graph capture failed (%s: %s); training this pack without graphs",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.use_graphs = self.graphed = False
+            torch.cuda.synchronize(self.device)
+            self.grads.zero_()
+            self.running.copy_(running)
+            return None
+        self.graph_pool = self.graph_pool or graph.pool()
+        self.graphs[tuple(widths)] = graph
+        # the graph reads these by address: keep them alive even when evaluation re-binds the wrappers
+        self.graph_refs.append([(w.lora_A, w.lora_B, w.scale, w.keep) for w in self.wrappers.values()])
+        return graph
+
+    def _drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.graph_refs.clear()
+        self.graph_pool = None
 
     def _clip(self) -> None:
         if not self.clip:

@@ -23,7 +23,7 @@ class _Slot:
     tokens: list[int]  # real tokens of each optimizer step
     window: list[int]  # label tokens of each optimizer step (>= 1): the divisor of its micro-batches' NLL sums
     lrs: list[float]  # learning rate used by optimizer step s (index s-1), as LambdaLR gives it
-    row: int | None = None  # the trial's index in the pack (column of the flat tensors); None until placed
+    row: int | None = None  # the trial's index in the pack (row of the flat tensors); None until placed
     done: int = 0  # optimizer steps taken
     t0: float = 0.0
 

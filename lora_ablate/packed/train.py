@@ -23,7 +23,8 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
                  hooks: TrialHooks | None = None, progress: bool = True, *,
                  refill: Callable[[], TrialSpec | None] | None = None,
                  on_result: Callable[[TrialResult], None] | None = None,
-                 compile: bool = False, lora_dtype: torch.dtype | None = None) -> list[TrialResult]:
+                 compile: bool = False, lora_dtype: torch.dtype | None = None,
+                 fused_head: bool | None = None, cuda_graphs: bool | None = None) -> list[TrialResult]:
     """Train ``specs`` together in one pack; one TrialResult per trial, in the order trials joined.
 
     ``refill()`` is asked for a new spec whenever a trial leaves the pack (finished, failed, pruned), and
@@ -32,13 +33,23 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     through torch.compile while training (falling back to eager if compilation fails). ``lora_dtype`` is
     the dtype of the adapter products: None computes them in the activations' dtype (bf16 on a bf16 base,
     like autocast) on fp32 master weights; ``torch.float32`` casts the activations up as peft does.
+    ``fused_head`` computes the training loss from the final hidden states in chunks, never holding the
+    full logits (packed/loss.py; architectures with a plain LM head only), and ``cuda_graphs`` replays each
+    training step as one CUDA graph (packed/pack.py); both default to on for a CUDA base and off elsewhere,
+    where the eager reference path is kept bit for bit.
     """
     hooks = hooks or TrialHooks()
     if not specs:
         return []
     results: list[TrialResult] = []
-    pack = _Pack(base, data, lora_dtype, compile and not any(s.train.gradient_checkpointing for s in specs))
     checkpointing = any(s.train.gradient_checkpointing for s in specs)
+    cuda = base.device.type == "cuda"
+    pack = _Pack(base, data, lora_dtype, compile and not checkpointing,
+                 fused_head=cuda if fused_head is None else fused_head,
+                 # checkpointing saves and restores the RNG state and bitsandbytes' kernels sync with the
+                 # host, neither of which a graph capture allows
+                 graphs=(cuda and not checkpointing and base.quantization == "none") if cuda_graphs is None
+                 else cuda_graphs)
     if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
