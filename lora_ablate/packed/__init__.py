@@ -27,6 +27,10 @@ K = 1 is the fast single trial: the same code with peft's own operations for the
 unpadded batches. (On right-padded batches the pack attends causally without a padding mask, which is
 exact in arithmetic but not the same SDPA kernel: differences in the last bits.)
 
+On a GPU, by default, each step is replayed as one CUDA graph (``graphs``) and the loss comes from the final
+hidden states in chunks (``loss``); both keep the arithmetic and are tested against the eager step
+(tests/test_packed_gpu.py), but are not bit for bit the eager path (docs/benchmarks.md says where).
+
 The package, one module a part:
   ``layers``     PackedLoraLinear, the batched LoRA projection installed on each adapted module
   ``layout``     where each trial's A and B sit in the flat [K, numel] tensors; carrying survivors over
@@ -36,6 +40,8 @@ The package, one module a part:
   ``optim``      per-trial gradient clipping and AdamW on the flat state
   ``attention``  causal SDPA without a padding mask for training forwards
   ``compiled``   torch.compile'd repeated blocks for training steps
+  ``loss``       next-token NLL from the final hidden states, LM head and cross-entropy in chunks
+  ``graphs``     the training step as CUDA graphs: capture, replay, width buckets
   ``pack``       _Pack: install, bind, relayout, the step plan and one optimizer step
   ``evaluate``   packed held-out NLL and generation, per-trial EvalReports
   ``export``     a trial as a stock peft adapter directory

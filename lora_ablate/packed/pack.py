@@ -2,10 +2,7 @@
 step (forward and backward of every micro-batch, clipping, AdamW) for all of them at once.
 
 A step runs eagerly (the reference) or, on a GPU, as a replay of a CUDA graph of the whole step
-(``graphs``): the host then launches one graph instead of thousands of kernels. Shapes must be static
-for that, so with graphs on, micro-batch widths are rounded up to ``GRAPH_WIDTH`` (one graph per
-distinct set of widths; right padding is exact under causal attention) and the step's data rows,
-loss divisors and AdamW scalars are copied into fixed buffers before each replay.
+(``graphs``, see packed/graphs.py).
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ from lora_ablate.models import LoadedModel
 from lora_ablate.packed.attention import _causal_attention
 from lora_ablate.packed.compiled import _compile_blocks
 from lora_ablate.packed.data import _DeviceData
+from lora_ablate.packed.graphs import MIN_SPAN, StepGraphs, bucket_widths
 from lora_ablate.packed.init import initial_A
 from lora_ablate.packed.layers import PackedLoraLinear, _features, _parent
 from lora_ablate.packed.layout import _carry, _Layout
@@ -36,10 +34,6 @@ log = logging.getLogger(__name__)
 # "not dense"; it still accumulates into them in place, which is what the flat gradient relies on.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
-GRAPH_WIDTH = 64  # micro-batch widths round up to a multiple of this under CUDA graphs: few distinct graphs
-GRAPH_MIN_SPAN = 8  # a layout that lives fewer steps than this runs eagerly: capture would cost more than it saves
-MAX_GRAPHS = 8  # distinct width patterns captured per layout; any further pattern runs eagerly
-GRAPH_WARMUP = 2  # eager forward/backward passes on a side stream before capture (compiles, cuBLAS workspaces)
 
 
 class _Pack:
@@ -50,10 +44,8 @@ class _Pack:
         self.base, self.model, self.device = base, base.model, base.device
         # the decoder and head weight when the loss may skip the full logits (see packed/loss.py)
         self.head = plain_head(self.model) if fused_head else None
-        self.use_graphs = graphs and base.device.type == "cuda"
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.graph_pool = None
-        self.graph_refs: list = []  # tensors the graphs read that a re-bind would otherwise free
+        self.graphs = StepGraphs(base.device) if graphs and base.device.type == "cuda" else None
+        self.graphed = False  # this layout's steps replay graphs
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
         self.slots: list[_Slot] = []
@@ -92,7 +84,8 @@ class _Pack:
         for k, slot in enumerate(slots):
             slot.row = k
         self.slots, self.layout = slots, layout
-        self._drop_graphs()  # they point at the old flat tensors
+        if self.graphs is not None:
+            self.graphs.clear()  # they point at the old flat tensors
         self.weights, self.grads, self.exp_avg, self.exp_avg_sq = new
         self.running = running
         self.max_k = max(self.max_k, K)
@@ -144,7 +137,8 @@ class _Pack:
             self._uninstall(name)
         if self.compiled is not None:
             self.compiled.restore()
-        self._drop_graphs()
+        if self.graphs is not None:
+            self.graphs.clear()
 
     # ------------------------------------------------------------------ binding
 
@@ -209,10 +203,9 @@ class _Pack:
                     if real:
                         self.widths[j][m] = max(self.widths[j][m], s.widths[i])
                 rows[j].append(flat)
-        self.graphed = self.use_graphs and self.span >= GRAPH_MIN_SPAN
+        self.graphed = self.graphs is not None and not self.graphs.failed and self.span >= MIN_SPAN
         if self.graphed:
-            full = self.data.ids.shape[1]
-            self.widths = [[min(full, -(-w // GRAPH_WIDTH) * GRAPH_WIDTH) for w in ws] for ws in self.widths]
+            self.widths = bucket_widths(self.widths, self.data.ids.shape[1])
         self.rows = torch.tensor(rows, dtype=torch.long).to(dev)
         # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
         self.host_window = [[s.window[s.done + j] for s in slots] for j in range(self.span)]
@@ -287,69 +280,6 @@ class _Pack:
                             compiled=self.device.type == "cuda")
         return token_nll(self.model(input_ids=ids, use_cache=False).logits, labels)[0]
 
-    # ------------------------------------------------------------------ the step as a CUDA graph
-
-    def _replay(self) -> bool:
-        """Run this step as a CUDA graph (captured on first use of its widths); False: run it eagerly."""
-        key = tuple(self.widths[self.j])
-        rows, window, scalars = self.static
-        rows.copy_(self.rows[self.j])
-        window.copy_(self.window[self.j])
-        scalars.copy_(self.scalars[:, self.j])
-        graph = self.graphs.get(key)
-        if graph is None:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return False
-            graph = self._capture(list(key))
-            if graph is None:
-                return False
-        graph.replay()
-        return True
-
-    def _capture(self, widths: list[int]) -> torch.cuda.CUDAGraph | None:
-        """The whole step (forward and backward of every micro-batch, clipping, AdamW, zeroing the gradients)
-        as one CUDA graph over the static buffers; None (and graphs off for this pack) if capture fails."""
-        rows, window, scalars = self.static
-        running = self.running.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up passes: compilation, autotuning and lazy inits happen here
-            for _ in range(GRAPH_WARMUP):
-                self._forward_backward(rows, widths, window)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.grads.zero_()
-        self.running.copy_(running)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-                if self.compiled is not None:
-                    with self.compiled.active():
-                        self._micro_batches(rows, widths, window, None)
-                else:
-                    self._micro_batches(rows, widths, window, None)
-                if self.clip:
-                    clip_per_trial_(self.grads, self.max_norm)
-                adamw_per_trial_(self.weights, self.grads, self.exp_avg, self.exp_avg_sq, *scalars, self.decay_on)
-                self.grads.zero_()
-        except Exception as e:  # noqa: BLE001 - anything the capture refuses: eager steps are the reference
-            log.warning("CUDA graph capture failed (%s: %s); training this pack without graphs",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.use_graphs = self.graphed = False
-            torch.cuda.synchronize(self.device)
-            self.grads.zero_()
-            self.running.copy_(running)
-            return None
-        self.graph_pool = self.graph_pool or graph.pool()
-        self.graphs[tuple(widths)] = graph
-        # the graph reads these by address: keep them alive even when evaluation re-binds the wrappers
-        self.graph_refs.append([(w.lora_A, w.lora_B, w.scale, w.keep) for w in self.wrappers.values()])
-        return graph
-
-    def _drop_graphs(self) -> None:
-        self.graphs.clear()
-        self.graph_refs.clear()
-        self.graph_pool = None
-
     def _clip(self) -> None:
         if not self.clip:
             return
@@ -365,6 +295,42 @@ class _Pack:
             adamw_single_(*state, *self.host_scalars[0][self.j], self.decay_on)
             return
         adamw_per_trial_(*state, *self.scalars[:, self.j], self.decay_on)  # each [K], one value per trial
+
+    # ------------------------------------------------------------------ the step as a CUDA graph
+
+    def _replay(self) -> bool:
+        """Run this step as a CUDA graph (captured on first use of its widths); False: run it eagerly."""
+        key = tuple(self.widths[self.j])
+        rows, window, scalars = self.static
+        rows.copy_(self.rows[self.j])
+        window.copy_(self.window[self.j])
+        scalars.copy_(self.scalars[:, self.j])
+        return self.graphs.replay(key, lambda: self._capture(list(key)))
+
+    def _capture(self, widths: list[int]) -> torch.cuda.CUDAGraph | None:
+        """The whole step (forward and backward of every micro-batch, clipping, AdamW, zeroing the gradients)
+        over the static buffers."""
+        rows, window, scalars = self.static
+        running = self.running.clone()
+
+        def undo() -> None:  # what the warm-up passes changed
+            self.grads.zero_()
+            self.running.copy_(running)
+
+        def body() -> None:
+            with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
+                self._micro_batches(rows, widths, window, None)
+            if self.clip:
+                clip_per_trial_(self.grads, self.max_norm)
+            adamw_per_trial_(self.weights, self.grads, self.exp_avg, self.exp_avg_sq, *scalars, self.decay_on)
+            self.grads.zero_()
+
+        # evaluation re-binds the wrappers to fresh scale tensors; the graph keeps reading these
+        keep = [(w.lora_A, w.lora_B, w.scale, w.keep) for w in self.wrappers.values()]
+        graph = self.graphs.capture(tuple(widths), lambda: self._forward_backward(rows, widths, window), undo, body,
+                                    keep)
+        self.graphed = graph is not None
+        return graph
 
     # ------------------------------------------------------------------ bookkeeping
 
