@@ -68,11 +68,12 @@ class StudyInfo:
     storage: str
     exp: Experiment  # the study's base experiment (before the axes)
     model_source: str = ""
+    axes: tuple[str, ...] = ()  # the space's axes as Optuna params (not what they determine, e.g. r under a budget)
 
 
 @dataclass
 class TrialRecord:
-    """One trial as tracking sees it; ``exp`` is the trial's resolved experiment."""
+    """One trial as tracking sees it: ``params`` are its Optuna params, ``exp`` its resolved experiment."""
 
     number: int
     params: dict
@@ -180,6 +181,8 @@ class MlflowTracker(Tracker):
                 f"{TAG}data": info.exp.data.train, f"{TAG}git_sha": env["git_sha"] or "unknown",
                 f"{TAG}device": env["device"], f"{TAG}objective": info.objective,
                 f"{TAG}direction": info.direction, f"{TAG}optuna_storage": info.storage,
+                # export groups by these alone, never by what they determine (r under match_budget)
+                f"{TAG}axes": ",".join(info.axes),
                 **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v}}
         run = self.client.create_run(self.experiment_id, tags=tags,
                                      run_name=time.strftime("study-%Y%m%d-%H%M%S"))

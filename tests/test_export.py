@@ -139,6 +139,24 @@ def build_small_studies(client, tmp):
                          {"lora_ablate.state": state}, "FINISHED" if state == "COMPLETE" else "FAILED")
 
 
+# r per targets subset at the budget of r 8 on q: q and o are both d x d, so both get r 8
+BUDGET_R = {"q": 8, "o": 8, "q,o": 4}
+
+
+def build_budget_study(client, tmp, name, parent_tags):
+    """A matched-budget study: targets its one axis, r derived from them, 2 seeds. A parent run per entry of
+    ``parent_tags`` (its extra tags, oldest first; one without lora_ablate.axes was tracked before the tag)."""
+    exp_id = client.create_experiment(name, artifact_location=(tmp / "artifacts" / name).as_uri())
+    parents = [client.create_run(exp_id, start_time=1000 + i, tags={"lora_ablate.kind": "study", **tags}).info.run_id
+               for i, tags in enumerate(parent_tags)]
+    for n, (targets, seed) in enumerate((t, s) for t in BUDGET_R for s in (0, 1)):
+        nll = 2.0 - 0.25 * len(targets.split(",")) + 0.01 * seed
+        _write_trial(client, exp_id, parents[0], n, {"r": BUDGET_R[targets], "targets": targets, "seed": seed,
+                                                     "lr": 2e-3, "trainable_params": 4096},
+                     [("final/heldout_instances/nll", nll, 0), ("train/loss", 3.0, 1)],
+                     {"lora_ablate.state": "COMPLETE"}, "FINISHED")
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from mlflow import MlflowClient
@@ -221,6 +239,48 @@ def test_axes_skip_what_other_axes_determine():
             for r in (4, 8) for d in (0.0, 0.1) for s in (0, 1)]
     # alpha follows r, cfg.lora.dropout repeats the space's dropout param, seed repeats, warmup is fixed
     assert [a.name for a in detect_axes(pd.DataFrame(rows))] == ["r", "dropout"]
+
+
+def test_recorded_axes_are_the_only_axes():
+    import pandas as pd
+
+    rows = [{"r": r, "targets": "q,v", "dropout": d, "seed": s, "final/heldout_instances/nll": 1.0}
+            for r in (4, 8) for d in (0.0, 0.1) for s in (0, 1)]
+    frame = pd.DataFrame(rows)
+    # table order whatever the tag's order; a recorded axis that does not vary (targets) or was never
+    # logged (lr) has no table; dropout and seed vary but are not recorded axes
+    assert [a.name for a in detect_axes(frame, ["dropout", "targets", "r", "lr"])] == ["r", "dropout"]
+    assert [a.name for a in detect_axes(frame, ["r"])] == ["r"]
+    assert [a.name for a in detect_axes(frame)] == ["r", "dropout"]  # untagged: whatever varies
+
+
+def test_a_matched_budget_study_gets_tables_of_its_recorded_axes_only(tmp_path):
+    """r follows from the targets: a "by rank r" table would pool q and o (both r 8) as one row."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    # the newer parent is a resume that built no trial, so it recorded no axes: the older one's tag holds
+    build_budget_study(client, tmp_path, "budget", [{"lora_ablate.axes": "targets"}, {}])
+    build_budget_study(client, tmp_path, "budget-untagged", [{}])
+
+    study = open_study("budget", tracking_uri=uri)
+    assert study.recorded_axes == ["targets"] and [a.name for a in study.axes] == ["targets"]
+    out = export("budget", tmp_path / "budget", "md,csv", tracking_uri=uri)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets"]
+    report = (out / "report.md").read_text()
+    assert "budget: by targets" in report and "by rank r" not in report
+    assert not any(p.startswith("rank_") for p in summary["plots"])
+    rows = _csv(out / "csv" / "axis_targets.csv")
+    assert [(r["targets"], r["n"]) for r in rows] == [("q", "2"), ("o", "2"), ("q,o", "2")]
+
+    # tracked before the tag: every param that varies is an axis, as before
+    legacy = open_study("budget-untagged", tracking_uri=uri)
+    assert legacy.recorded_axes is None and [a.name for a in legacy.axes] == ["r", "targets"]
+    out = export("budget-untagged", tmp_path / "untagged", "csv", tracking_uri=uri)
+    assert json.loads((out / "summary.json").read_text())["tables"][:2] == ["axis_r", "axis_targets"]
+    assert [(r["r"], r["n"]) for r in _csv(out / "csv" / "axis_r.csv")] == [("4", "2"), ("8", "4")]
 
 
 def test_a_column_where_every_row_ties_has_no_best(store):
@@ -547,6 +607,17 @@ def test_bad_format_lists_the_valid(store, tmp_path, capsys):
     err = _error(capsys, ["export", "--study", "rank-demo", "--tracking-uri", store["uri"], "--out",
                           str(tmp_path / "x"), "--format", "md,pdf"])
     assert "md, csv, tex, html" in err and "format 'pdf' is not valid" in err
+
+
+def test_unknown_parameter_lists_the_trial_params_not_every_config_key(store, capsys):
+    err = _error(capsys, ["compare", "--study", "rank-demo", "--tracking-uri", store["uri"], "--a", "foo=1",
+                          "--b", "r=8"])
+    assert ("--a: unknown parameter 'foo'; choose from: r, alpha, alpha_rule, scaling, lr, targets, seed, steps, "
+            "trainable_params, or any cfg.<section>.<key> of the resolved config") in err
+    assert "cfg.lora.r" not in err
+    # the cfg.* keys the message mentions are accepted
+    study = open_study("rank-demo", tracking_uri=store["uri"])
+    assert len(select(study.complete, parse_selection("cfg.lora.dropout=0,r=8,targets=qv"))) == 3
 
 
 def test_selections_that_match_nothing_or_too_much(store, capsys):

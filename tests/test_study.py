@@ -475,6 +475,33 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     assert not ws.exists()
 
 
+def test_cli_bad_input_in_an_existing_workspace_leaves_no_study(tmp_path, capsys, write_jsonl, alpaca_rows):
+    """A new --study-name whose data or model is bad: the error, and neither an empty Optuna study nor an
+    MLflow experiment of that name behind it; the workspace's other study stays as it was."""
+    ws = tmp_path / "ws"
+    space_file = tmp_path / "two.yaml"
+    space_file.write_text("axes:\n  lora.r: {grid: [1, 2]}\n")
+    assert main(["study", "--n-trials", "1", *cli_args(ws, space_file)]) == 0
+    capsys.readouterr()
+    url = f"sqlite:///{ws.resolve() / 'optuna.db'}"
+
+    def snapshot():
+        return [(t.number, t.state, t.params, t.value) for t in optuna.load_study(study_name="two-tiny-llama",
+                                                                                   storage=url).trials]
+
+    before = snapshot()
+    malformed = write_jsonl(alpaca_rows[:2] + [{"instruction": "Reverse the word.", "input": "x", "output": ""}],
+                            "malformed.jsonl")
+    for extra in ([f"data.train={malformed}"], [f"data.train={tmp_path / 'missing.jsonl'}"],
+                  ["model.name=nowhere-model"]):
+        assert main(["study", "--study-name", "new-name", *cli_args(ws, space_file), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert optuna.study.get_all_study_names(url) == ["two-tiny-llama"]
+    assert snapshot() == before
+    assert MlflowClient(tracking_uri=default_uri(ws)).get_experiment_by_name("new-name") is None
+
+
 def test_a_study_whose_first_run_failed_on_its_input_resumes_with_the_fixed_input(tmp_path, ctx, experiment):
     """A typo in a data path must not leave a study name that refuses the corrected command."""
     run(experiment(RANK3, tmp_path, study={"n_trials": 1}), RANK3, ctx)  # the workspace exists now

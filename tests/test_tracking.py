@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from lora_ablate.commands.export import export
 from lora_ablate.commands.study import open_ui
 from lora_ablate.context import build_context
 from lora_ablate.spaces import parse_space
@@ -26,6 +27,9 @@ BASE = {
     "eval": {"sets": ["heldout_instances"], "size": 4, "batch_size": 4, "max_new_tokens": 4},
 }
 RANK3 = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "rank3")
+# targets_budget in small: on tiny-llama q and o (both d x d) get r 4, q and o together r 2
+BUDGET3 = parse_space({"axes": {"lora.targets": {"grid": [["q"], ["o"], ["q", "o"]]}},
+                       "match_budget": {"reference": {"targets": ["q"], "r": 4}}}, "budget3")
 DOC_PARAMS = {"r", "alpha", "alpha_rule", "scaling", "lr", "targets", "seed", "steps", "trainable_params"}
 FINAL = {f"final/heldout_instances/{m}" for m in ("nll", "ppl", "exact_match", "rouge_l", "n")}
 
@@ -167,6 +171,35 @@ def test_trial_params_are_stable_and_redact_secrets(make_exp):
     assert params["cfg.study.storage"] == "postgresql://me:***@db/optuna"
     assert "hunter2" not in json.dumps(params)
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def _exported(name, workspace, out) -> tuple[dict, str]:
+    """(summary.json, report.md) of ``export`` of study ``name``."""
+    export(name, out, "md", workspace=workspace)
+    return json.loads((out / "summary.json").read_text()), (out / "report.md").read_text()
+
+
+def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study, ctx, experiment, tmp_path):
+    """A matched-budget study varies targets and derives r: r varies in the data, but a "by rank r" table
+    would pool q and o (both r 4) as one row. A rank study keeps its "by rank r" table."""
+    exp, report, client = rank_study
+    _, parents, _ = runs_of(client, report.name)
+    assert parents[0].data.tags["lora_ablate.axes"] == "r"
+    summary, _ = _exported(report.name, exp.study.workspace, tmp_path / "rank")
+    assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r"]
+
+    ws = tmp_path / "budget"
+    budget_exp = experiment(BUDGET3, ws, eval={"generate": False, "base": False})
+    budget = run_study(budget_exp, BUDGET3, tracker=make_tracker(budget_exp), context=ctx, progress=False)
+    assert [o.state for o in budget.outcomes] == ["COMPLETE"] * 3
+    _, parents, trials = runs_of(MlflowClient(tracking_uri=default_uri(ws)), budget.name)
+    assert parents[0].data.tags["lora_ablate.axes"] == "targets"
+    assert sorted((t.data.params["targets"], t.data.params["r"]) for t in trials) == [
+        ("o", "4"), ("q", "4"), ("q,o", "2")]
+    summary, md = _exported(budget.name, ws, tmp_path / "budget-export")
+    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets"]
+    assert f"{budget.name}: by targets" in md and "by rank r" not in md
+    assert not any(p.startswith("rank_") for p in summary["plots"])
 
 
 def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx, monkeypatch, nan_rank,

@@ -58,14 +58,8 @@ def study(space: str | None = None, config: Path | None = None, overrides: list[
     from lora_ablate.tracking import make_tracker
 
     sp, exp = study_setup(space, config, overrides, settings)
-    ctx = None
-    if not exp.study.storage and not (Path(exp.study.workspace) / "optuna.db").exists():
-        # a new workspace: check the data and the model before creating it, so a bad file leaves nothing
-        from lora_ablate.context import build_context
-
-        ctx = build_context(exp, targets=sp.target_sets() or None)
-    with _sigterm_as_interrupt():
-        report = run_study(exp, sp, tracker=make_tracker(exp), context=ctx, progress=progress)
+    with _sigterm_as_interrupt():  # run_study loads data and model before it creates a new study
+        report = run_study(exp, sp, tracker=make_tracker(exp), progress=progress)
     print_report(report, exp)
     return report
 

@@ -30,8 +30,11 @@ DEFAULT_OBJECTIVE = "heldout_instances/nll"
 PARAM_TYPES = {"r": int, "alpha": float, "alpha_rule": str, "scaling": float, "lr": float, "targets": str,
                "seed": int, "steps": int, "trainable_params": int}
 SCALARS = ("tokens_per_s", "peak_mem_mb", "train_s", "wall_s")
-# The ablation axes of the issue, in table order: each is an axis whenever it varies, even when it
-# follows from another (a matched-budget space derives r from targets, and both are worth a table).
+# The parent run's tag naming the space's axes (their Optuna params, comma-separated): only these are
+# grouped by, so r derived from targets under match_budget is no axis although it varies.
+AXES_TAG = "lora_ablate.axes"
+# The ablation axes of the issue, in table order. In a study tracked before AXES_TAG existed, each is an
+# axis whenever it varies, even when it follows from another (r derived from targets under a budget).
 PRIMARY_AXES = ("r", "alpha_rule", "targets", "lr")
 # Consequences of other params, and seed, the repeat axis: never axes.
 NOT_AXES = ("seed", "scaling", "trainable_params")
@@ -175,16 +178,37 @@ def linear_bins(values, n: int = 5) -> tuple[list[str], list[str]]:
     return [names[i] for i in idx], [names[i] for i in used]
 
 
-def detect_axes(complete: pd.DataFrame) -> list[Axis]:
-    """Params that vary among complete trials, in table order: the primary axes, then other params
-    (alpha, steps, a space's extra Optuna params, cfg.lora.* and cfg.train.*), each skipped when the
-    axes already chosen determine it (``alpha`` under the rank rule is ``r`` again; ``cfg.lora.dropout``
-    repeats a ``dropout`` axis)."""
+def _by_name(names) -> list[str]:
+    """Axes after the primary ones: alpha and steps first, then by name."""
+    return sorted(names, key=lambda c: (c not in ("alpha", "steps"), c))
+
+
+def _axis_of(complete: pd.DataFrame, name: str) -> Axis:
+    """The axis of param ``name``, its values in order; a float param sampled over many values is binned."""
+    col = complete[name].dropna()
+    distinct = sorted(col.unique().tolist(), key=_sort_key(name))
+    is_float = pd.api.types.is_float_dtype(col) and not all(float(v).is_integer() for v in distinct)
+    if is_float and len(distinct) > CONTINUOUS_ABOVE:
+        labels = log_bins(distinct)[1] if min(distinct) > 0 else linear_bins(distinct)[1]
+        return Axis(name, tuple(labels), binned=True)
+    return Axis(name, tuple(distinct))
+
+
+def detect_axes(complete: pd.DataFrame, recorded: list[str] | None = None) -> list[Axis]:
+    """The axes to group ``complete`` trials by, in table order (the primary axes, then alpha, steps, the
+    rest by name). ``recorded``: the space's axes as the study recorded them; each is an axis when it
+    varies among the complete trials. Without (a study tracked before the tag), every param that varies:
+    the primary axes, then other params (alpha, steps, a space's extra Optuna params, cfg.lora.* and
+    cfg.train.*), each skipped when the axes already chosen determine it (``alpha`` under the rank rule
+    is ``r`` again; ``cfg.lora.dropout`` repeats a ``dropout`` axis)."""
+    if recorded is not None:
+        names = [c for c in PRIMARY_AXES if c in recorded] + _by_name(c for c in recorded if c not in PRIMARY_AXES)
+        return [_axis_of(complete, c) for c in names if c in complete and complete[c].dropna().nunique() >= 2]
     params = [c for c in complete.columns
               if c not in NON_PARAM_COLUMNS and not c.startswith("final/") and c not in SCALARS]
     primary = [c for c in PRIMARY_AXES if c in complete]
     top = [c for c in params if not c.startswith("cfg.") and c not in PRIMARY_AXES + NOT_AXES]
-    others = sorted(top, key=lambda c: (c not in ("alpha", "steps"), c))
+    others = _by_name(top)
     others += sorted(c for c in params if c.startswith(EXTRA_AXIS_SECTIONS) and c not in CFG_MIRRORS)
     chosen: list[str] = []
     axes: list[Axis] = []
@@ -196,13 +220,7 @@ def detect_axes(complete: pd.DataFrame) -> list[Axis]:
                 complete.groupby(chosen, dropna=False)[c].nunique(dropna=False).max() <= 1:
             continue
         chosen.append(c)
-        distinct = sorted(col.unique().tolist(), key=_sort_key(c))
-        is_float = pd.api.types.is_float_dtype(col) and not all(float(v).is_integer() for v in distinct)
-        if is_float and len(distinct) > CONTINUOUS_ABOVE:
-            labels = log_bins(distinct)[1] if min(distinct) > 0 else linear_bins(distinct)[1]
-            axes.append(Axis(c, tuple(labels), binned=True))
-        else:
-            axes.append(Axis(c, tuple(distinct)))
+        axes.append(_axis_of(complete, c))
     return axes
 
 
@@ -243,7 +261,14 @@ class Study:
 
     @cached_property
     def axes(self) -> list[Axis]:
-        return detect_axes(self.trials[self.trials["state"] == "COMPLETE"])
+        return detect_axes(self.trials[self.trials["state"] == "COMPLETE"], self.recorded_axes)
+
+    @property
+    def recorded_axes(self) -> list[str] | None:
+        """The space's axes as the study recorded them (``lora_ablate.axes``: Optuna param names, seed
+        not among them); None for a study tracked before the tag, whose axes are what varies."""
+        tag = self.tags.get(AXES_TAG)
+        return [n for n in (tag or "").split(",") if n] or None
 
     def counts(self) -> dict[str, int]:
         return {s: int(n) for s, n in self.trials["state"].value_counts().items()}
@@ -345,7 +370,12 @@ def open_study(name: str, workspace=None, tracking_uri: str | None = None) -> St
         raise UserError(f"study {name!r} has no trial runs in {redact(uri)}")
     # Several study invocations (resumes, workers) each log a parent; the newest one speaks for the
     # study, since a resume may change the objective.
-    tags = dict(max(parents, key=lambda r: r.info.start_time or 0).data.tags) if parents else {}
+    newest = sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True)
+    tags = dict(newest[0].data.tags) if newest else {}
+    # parents recorded before the axes tag existed have none: the newest that has it speaks
+    axes = next((r.data.tags[AXES_TAG] for r in newest if AXES_TAG in r.data.tags), None)
+    if axes is not None:
+        tags[AXES_TAG] = axes
     return Study(name, uri, exp.experiment_id, tags, _frame(trials), client)
 
 
@@ -396,14 +426,24 @@ def parse_selection(text: str) -> dict[str, str]:
     return out
 
 
+def _param_names(frame: pd.DataFrame) -> list[str]:
+    """The trial params a selection names: the documented ones, then a space's other Optuna params. Not the
+    ``cfg.*`` copy of the resolved config: its ~60 keys would bury the few a user filters on."""
+    names = [c for c in frame.columns if c not in NON_PARAM_COLUMNS and c not in SCALARS
+             and not str(c).startswith(("final/", "cfg.")) and not str(c).endswith(" bin")]
+    order = list(PARAM_TYPES)
+    return sorted(names, key=lambda c: (order.index(c) if c in order else len(order), c))
+
+
 def select(frame: pd.DataFrame, selection: dict[str, str], what: str = "selection") -> pd.DataFrame:
     """Rows of ``frame`` whose params equal every ``selection`` value (numbers compared as numbers,
     targets in canonical form). No match is an error that lists the values present."""
     mask = pd.Series(True, index=frame.index)
     for key, raw in selection.items():
         if key not in frame or key in ("run_id", "state"):
-            params = [c for c in frame.columns if c in PARAM_TYPES or c.startswith("cfg.")]
-            raise UserError(f"{what}: unknown parameter {key!r}; choose from: {choices(params)}")
+            cfg = ", or any cfg.<section>.<key> of the resolved config" if any(
+                str(c).startswith("cfg.") for c in frame.columns) else ""
+            raise UserError(f"{what}: unknown parameter {key!r}; choose from: {choices(_param_names(frame))}{cfg}")
         col = frame[key]
         if key == "targets":
             mask &= col == canonical_targets(raw)

@@ -27,7 +27,7 @@ from lora_ablate.study.report import (Progress, StudyReport, TrialOutcome, best_
                                       study_summary)
 from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
-from lora_ablate.study.storage import load_or_create, quiet_optuna
+from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
 from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord, redact
 
@@ -64,6 +64,10 @@ class StudyRunner:
 
     def run(self) -> StudyReport:
         self.t0 = time.monotonic()
+        if self.ctx is None and not study_exists(self.exp, self.space):
+            # a new study: data, eval sets, model and targets load first, so bad input fails before the
+            # study exists and leaves no empty study of its name behind
+            self.ctx = self._context()
         self.study, self.storage = load_or_create(self.exp, self.space, self.objective, self.stale)
         name = self.study.study_name
         report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
@@ -74,13 +78,12 @@ class StudyRunner:
             budget = min(budget, first.remaining)
         if budget == 0:
             return self._finish(report, first)
-        if self.ctx is None:
-            from lora_ablate.context import build_context
-
-            self.ctx = build_context(self.exp, targets=self.space.target_sets() or None)
+        if self.ctx is None:  # resuming: the model loads only when there is something to train
+            self.ctx = self._context()
         base = self.ctx.base
         self.tracker.start_study(StudyInfo(name, self.space.name, self.objective.name, self.objective.direction,
-                                           report.storage, self.exp, base.source))
+                                           report.storage, self.exp, base.source,
+                                           tuple(a.name for a in self.space.axes)))
         status = "FAILED"
         try:
             if self.exp.eval.base:
@@ -264,6 +267,11 @@ class StudyRunner:
 
     def _fail_stale(self) -> None:
         heartbeat.fail_stale(self.study, self.stale, self.tracker, self.beats)
+
+    def _context(self):
+        from lora_ablate.context import build_context
+
+        return build_context(self.exp, targets=self.space.target_sets() or None)
 
     def _pack_size(self) -> int:
         """study.pack, or for auto what the packed engine measures fits (a few trials on a CPU)."""

@@ -56,6 +56,15 @@ def pruner(exp: Experiment):
     return optuna.pruners.NopPruner()
 
 
+def study_exists(exp: Experiment, space: Space) -> bool:
+    """Whether the storage already holds this run's study; creates no study (nor a workspace that is not there)."""
+    import optuna
+
+    if not exp.study.storage and not (Path(exp.study.workspace) / "optuna.db").exists():
+        return False
+    return study_name(exp, space) in optuna.study.get_all_study_names(open_storage(storage_url(exp)))
+
+
 def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: heartbeat.StaleTrials):
     """(study, storage): the study of this name, created with this run's settings, or loaded if they match."""
     import optuna
@@ -70,7 +79,7 @@ def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: h
     study = optuna.create_study(storage=storage, study_name=name, direction=objective.direction,
                                 sampler=sampler(space, exp, n_before), pruner=pruner(exp), load_if_exists=True)
     shared = base_config(exp, space)
-    # a study that never got a trial (its first run stopped at a bad data file, say) takes this run's settings
+    # a study that never got a trial (its first run was stopped before one) takes this run's settings
     if not existing or (n_before == 0 and study.direction.name.lower() == objective.direction):
         for key, value in {"space": space.name, "kind": space.kind, "objective": objective.name,
                            "base_config": shared}.items():
