@@ -7,6 +7,7 @@ file, the row and the field.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +262,11 @@ class Encoded:
 
     def __len__(self):
         return len(self.input_ids)
+
+    @functools.cached_property
+    def label_counts(self) -> list[int]:
+        """Label tokens after the next-token shift per example (see ``engine.label_tokens``)."""
+        return [sum(1 for t in labels[1:] if t != IGNORE) for labels in self.labels]
 
     def batch(self, idx, pad_id: int, device=None) -> dict[str, torch.Tensor]:
         """Right-padded batch of the examples at ``idx``, padded to the longest of them."""

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lora_ablate.config import LoraConfig, TrainConfig
-from lora_ablate.data import IGNORE, Encoded
+from lora_ablate.data import Encoded
+from lora_ablate.errors import one_line
 from lora_ablate.evaluation import EvalReport, Evaluator, token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
@@ -118,8 +119,9 @@ def batch_order(n: int, batch: int, seed: int):
 
 def label_tokens(data: Encoded) -> list[int]:
     """Tokens each example contributes to the loss: labels after the next-token shift that are not
-    IGNORE (what ``token_nll``'s mask counts for that row)."""
-    return [sum(1 for t in labels[1:] if t != IGNORE) for labels in data.labels]
+    IGNORE (what ``token_nll``'s mask counts for that row). Counted once per data set (every trial of a
+    study asks again)."""
+    return data.label_counts
 
 
 def window_tokens(counts: list[int], batches: list[list[int]]) -> int:
@@ -159,7 +161,7 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     except TrialPruned as e:
         result.status, result.error = "pruned", str(e) or "pruned"
     except (TrialFailed, torch.OutOfMemoryError) as e:
-        result.status, result.error = "failed", " ".join(str(e).split())[:500]
+        result.status, result.error = "failed", one_line(e)
     finally:
         # restore the shared base exactly: the LoRA layers are removed, nothing merged
         base.model = model.unload()

@@ -13,3 +13,14 @@ class UserError(Exception):
 
 def choices(valid) -> str:
     return ", ".join(str(v) for v in valid)
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line (whitespace collapsed), at most ``limit`` characters: how a
+    failed trial's reason is recorded."""
+    return " ".join(str(error).split())[:limit]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (compiler errors run to pages)."""
+    return str(error).splitlines()[0] if str(error) else ""

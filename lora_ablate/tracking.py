@@ -218,9 +218,7 @@ class MlflowTracker(Tracker):
             self._flush(run_id)
 
     def _flush(self, run_id: str) -> None:
-        metrics = self._pending.pop(run_id, [])
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self._write(run_id, self._pending.pop(run_id, []))
         self._flushed[run_id] = self.clock()
 
     def finish_trial(self, run_id: str, trial: TrialRecord) -> None:
@@ -271,8 +269,10 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.parent_id, status)
 
     def _metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
-        metrics = _as_metrics(step, values)
-        for i in range(0, len(metrics), 1000):
+        self._write(run_id, _as_metrics(step, values))
+
+    def _write(self, run_id: str, metrics: list) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow's limit of metrics per log_batch call
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
     def _params(self, run_id: str, params: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -29,6 +30,7 @@ def _causal_attention(model: torch.nn.Module):
         cfg._attn_implementation = "sdpa"
 
 
+@functools.cache  # once per process: every training step asks
 def _register_causal() -> bool:
     try:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

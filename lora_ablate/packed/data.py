@@ -15,14 +15,11 @@ class _DeviceData:
     """
 
     def __init__(self, data: Encoded, pad_id: int, device: torch.device):
-        n, width = len(data), max(len(ids) for ids in data.input_ids)
-        ids = torch.full((n + 1, width), pad_id, dtype=torch.long)
-        labels = torch.full((n + 1, width), IGNORE, dtype=torch.long)
-        for row, (i, lab) in enumerate(zip(data.input_ids, data.labels)):
-            ids[row, :len(i)] = torch.tensor(i)
-            labels[row, :len(lab)] = torch.tensor(lab)
-        self.filler = n
-        self.ids, self.labels = ids.to(device), labels.to(device)
+        every = data.batch(range(len(data)), pad_id)
+        filler = torch.full((1, every["input_ids"].shape[1]), pad_id, dtype=torch.long)
+        self.filler = len(data)
+        self.ids = torch.cat([every["input_ids"], filler]).to(device)
+        self.labels = torch.cat([every["labels"], torch.full_like(filler, IGNORE)]).to(device)
 
     def batch(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ids[:, :width].index_select(0, rows), self.labels[:, :width].index_select(0, rows)

@@ -1,6 +1,6 @@
 """A pack's training step as CUDA graphs: captured once per pack layout and micro-batch width pattern,
-then replayed, so the host launches one graph a step instead of thousands of kernels (an eager single
-trial of the default model spent ~160 ms a step launching about 10 ms of GPU work).
+then replayed, so the host launches one graph a step instead of thousands of kernels (on an H200 an eager
+single trial of the default model took 159 ms a step, replayed as a graph (with the chunked loss) 20 ms).
 
 Shapes must be static for that: with graphs on, micro-batch widths round up to a multiple of
 ``GRAPH_WIDTH`` (right padding is exact under causal attention), so a study needs few graphs, and the
@@ -14,6 +14,8 @@ import logging
 from typing import Callable
 
 import torch
+
+from lora_ablate.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class StepGraphs:
                 body()
         except Exception as e:  # noqa: BLE001 - anything the capture refuses: eager steps are the reference
             log.warning("CUDA graph capture failed (%s: %s); training this pack without graphs",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                        type(e).__name__, first_line(e))
             self.failed = True
             torch.cuda.synchronize(self.device)
             undo()

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from lora_ablate.data import Encoded
+from lora_ablate.errors import first_line
 from lora_ablate.evaluation import token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.attention import _causal_attention
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 # Each module's A and B are views with gaps between trials' rows, which autograd's layout contract calls
 # "not dense"; it still accumulates into them in place, which is what the flat gradient relies on.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-
 
 
 class _Pack:
@@ -245,7 +245,7 @@ class _Pack:
                 self._micro_batches(rows, widths, window, host_window)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the reference anyway
             log.warning("torch.compile failed (%s: %s); training this pack eagerly",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                        type(e).__name__, first_line(e))
             self.compiled.restore()
             self.compiled = None
             self.grads.zero_()
