@@ -374,6 +374,36 @@ def test_refill_into_modules_a_live_trial_adapts(base, padded, evaluator, refere
     assert_same_trial(references["qkvo-free"], by_name["qkvo-free"])
 
 
+def test_evaluation_time_is_not_training_time(base, padded, evaluator, monkeypatch):
+    """train_seconds (hence tokens/s) leaves out the held-out evaluations the trial sat through, its own
+    intermediate ones and other trials' final ones, as the single path does."""
+    import time
+
+    from lora_ablate.packed import train as train_module
+
+    real_nll, real_reports = train_module.packed_nll, train_module.packed_reports
+    pause = 0.4
+
+    def slow(real):
+        def call(*args, **kw):
+            time.sleep(pause)
+            return real(*args, **kw)
+        return call
+
+    monkeypatch.setattr(train_module, "packed_nll", slow(real_nll))
+    monkeypatch.setattr(train_module, "packed_reports", slow(real_reports))
+    short = spec("short", r=2, targets=("q",), steps=3, log_every=1)  # finishes (final evaluation) first
+    t0 = time.perf_counter()
+    results = train_packed(base, [MIXED[0], short], padded, evaluator, progress=False)  # eval at step 3
+    wall = time.perf_counter() - t0
+    long = results[0]
+    assert long.status == "ok" and [e["step"] for e in long.evals] == [3]
+    # it sat through 3 paused evaluations: its own at step 3, short's final one, and its own final one
+    # (after its stamp); only the first two happened inside its training time
+    assert long.train_seconds < wall - 3 * pause + 0.5 * pause
+    assert long.train_seconds > 0
+
+
 def test_too_little_data_fails_only_that_trial(base, padded):
     greedy = spec("too-big", r=2, batch_size=len(padded) + 1)
     results = train_packed(base, [greedy, MIXED[0]], padded, None, progress=False)

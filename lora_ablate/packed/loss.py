@@ -52,7 +52,9 @@ def _chunk_fn(compiled: bool):
     if not compiled:
         return _chunk
     if "chunk" not in _compiled:
-        _compiled["chunk"] = torch.compile(_chunk, dynamic=False)
+        # automatic dynamic shapes: the last chunk's size changes with every batch width on eager steps, and
+        # a static graph per size would recompile each time
+        _compiled["chunk"] = torch.compile(_chunk)
     return _compiled["chunk"] or _chunk
 
 

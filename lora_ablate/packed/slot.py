@@ -26,6 +26,7 @@ class _Slot:
     row: int | None = None  # the trial's index in the pack (row of the flat tensors); None until placed
     done: int = 0  # optimizer steps taken
     t0: float = 0.0
+    eval_seconds: float = 0.0  # held-out evaluations (its own and other trials') since t0: not training time
 
     @property
     def train(self):

@@ -11,6 +11,7 @@ import torch
 
 from lora_ablate.data import Encoded
 from lora_ablate.engine import TrialFailed, TrialHooks, TrialPruned, TrialResult, TrialSpec
+from lora_ablate.errors import one_line
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.evaluate import packed_nll, packed_reports
@@ -104,7 +105,7 @@ def _run(pack: _Pack, slots: list[_Slot], evaluator, hooks: TrialHooks, progress
             pack.step()
         except torch.OutOfMemoryError as e:
             for s in pack.slots:
-                _leave(s, "failed", " ".join(str(e).split())[:500], on_result, pack)
+                _leave(s, "failed", one_line(e), on_result, pack)
             pack.slots = []
             break
         bar.update(1)
@@ -142,14 +143,25 @@ def _after_step(pack: _Pack, evaluator, hooks: TrialHooks, on_result) -> list[_S
     if evaluator is not None and evaluator.cfg.every:
         due = [s for s in live if s.done % evaluator.cfg.every == 0 and not s.finished]
         if due:
-            for s, nll in zip(due, packed_nll(pack, evaluator, due)):
+            t = time.perf_counter()
+            scores = packed_nll(pack, evaluator, due)
+            _evaluating(pack, time.perf_counter() - t)
+            for s, nll in zip(due, scores):
                 values = {f"{name}/nll": v[0] for name, v in nll.items()}
                 s.result.evals.append({"step": s.done, **values})
                 _hook(s, leaving, on_result, pack, hooks.on_eval, s.spec, s.done, values)
     done = [s for s in pack.slots if s.finished and s not in leaving]
     if done:
-        _finish(pack, done, evaluator, leaving, on_result)
+        t = time.perf_counter()
+        _finish(pack, done, evaluator, leaving, on_result)  # stamps the finished before their evaluation
+        _evaluating(pack, time.perf_counter() - t)
     return leaving
+
+
+def _evaluating(pack: _Pack, seconds: float) -> None:
+    """Held-out evaluation is not training time (as on the single path): every trial in the pack waited."""
+    for s in pack.slots:
+        s.eval_seconds += seconds
 
 
 def _hook(slot: _Slot, leaving: list, on_result, pack: _Pack, fn, *args) -> bool:
@@ -160,7 +172,7 @@ def _hook(slot: _Slot, leaving: list, on_result, pack: _Pack, fn, *args) -> bool
     except TrialPruned as e:
         leaving.append(_leave(slot, "pruned", str(e) or "pruned", on_result, pack))
     except TrialFailed as e:
-        leaving.append(_leave(slot, "failed", " ".join(str(e).split())[:500], on_result, pack))
+        leaving.append(_leave(slot, "failed", one_line(e), on_result, pack))
     return False
 
 
@@ -178,7 +190,7 @@ def _stamp(slot: _Slot, pack: _Pack) -> None:
         torch.cuda.synchronize(pack.device)
         slot.result.peak_mem_mb = torch.cuda.max_memory_allocated(pack.device) / 2**20 / max(1, pack.max_k)
     slot.result.tokens = sum(slot.tokens[:slot.done])
-    slot.result.train_seconds = time.perf_counter() - slot.t0
+    slot.result.train_seconds = time.perf_counter() - slot.t0 - slot.eval_seconds
 
 
 def _finish(pack: _Pack, done: list[_Slot], evaluator, leaving: list, on_result) -> None:
@@ -188,7 +200,7 @@ def _finish(pack: _Pack, done: list[_Slot], evaluator, leaving: list, on_result)
     try:
         reports = packed_reports(pack, evaluator, done) if evaluator is not None else [None] * len(done)
     except torch.OutOfMemoryError as e:
-        leaving += [_leave(s, "failed", " ".join(str(e).split())[:500], on_result, pack) for s in done]
+        leaving += [_leave(s, "failed", one_line(e), on_result, pack) for s in done]
         return
     for s, report in zip(done, reports):
         s.result.final = report
