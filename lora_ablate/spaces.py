@@ -149,11 +149,7 @@ class Space:
 
     def fixed_raw(self) -> dict:
         """``fixed`` as the nested mapping ``build_experiment`` takes."""
-        raw: dict[str, dict] = {}
-        for key, value in self.fixed.items():
-            section, name = key.split(".", 1)
-            raw.setdefault(section, {})[name] = value
-        return raw
+        return _nest(self.fixed)
 
     def target_sets(self) -> list[tuple[str, ...]]:
         """Every targets subset a trial may use (to check them all against the model before training)."""

@@ -22,14 +22,17 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import yaml
 
 from lora_ablate.config import Experiment
-from lora_ablate.engine import TrialResult
 from lora_ablate.errors import UserError
-from lora_ablate.evaluation import EvalReport
+
+if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
+    from lora_ablate.engine import TrialResult
+    from lora_ablate.evaluation import EvalReport
 
 TAG = "lora_ablate."
 # MLflow run status per trial state (a pruned trial was stopped on purpose: KILLED)
@@ -41,7 +44,8 @@ FLUSH_SECONDS = 10.0
 
 
 def redact(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: URLs end up in tags."""
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: URLs end up in tags,
+    errors and shared reports."""
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(url))
 
 
@@ -92,9 +96,15 @@ def trial_params(exp: Experiment, params: dict) -> dict[str, str]:
            "lr": train.lr, "targets": ",".join(lora.targets), "seed": train.seed, "steps": train.steps}
     # a space may vary other settings (dropout, warmup, ...): their Optuna names are params too
     out.update({k: v for k, v in params.items() if k not in out})
-    out.update({f"cfg.{k}": redact(v) if k in ("study.storage", "tracking.uri") else v
-                for k, v in exp.flat().items()})
+    out.update({f"cfg.{k}": v for k, v in redacted(exp).flat().items()})
     return {k: str(v) for k, v in out.items()}
+
+
+def redacted(exp: Experiment) -> Experiment:
+    """``exp`` with the passwords of its store URLs masked: what a run records (params, config.yaml)."""
+    from lora_ablate.config import replace
+
+    return replace(exp, study={"storage": redact(exp.study.storage)}, tracking={"uri": redact(exp.tracking.uri)})
 
 
 class Tracker:
@@ -246,7 +256,7 @@ class MlflowTracker(Tracker):
             step = trial.exp.train.steps if trial.exp is not None else 0
             self._metrics(run_id, step, metrics)
             if trial.exp is not None:
-                (staging / "config.yaml").write_text(yaml.safe_dump(trial.exp.to_dict(), sort_keys=False))
+                (staging / "config.yaml").write_text(yaml.safe_dump(redacted(trial.exp).to_dict(), sort_keys=False))
             if any(staging.iterdir()):
                 self.client.log_artifacts(run_id, str(staging))
             self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"))

@@ -173,6 +173,22 @@ def test_trial_params_are_stable_and_redact_secrets(make_exp):
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
+def test_a_trial_config_artifact_keeps_no_store_password(make_exp, tmp_path):
+    """config.yaml next to the adapter is the resolved config with the store URLs' passwords masked, as in
+    the params."""
+    from lora_ablate import tracking
+
+    exp = make_exp(study={"storage": "postgresql://me:hunter2@db/optuna"},
+                   tracking={"uri": "http://me:hunter2@mlflow:5000"})
+    tracker = tracking.MlflowTracker(default_uri(tmp_path), tmp_path / "artifacts")
+    run_id = tracker.client.create_run(tracker.client.create_experiment("secrets")).info.run_id
+    tracker.finish_trial(run_id, TrialRecord(0, {"r": 8, "seed": 0}, exp, state="COMPLETE"))
+    config = Path(tracker.client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
+    assert "hunter2" not in config
+    assert yaml.safe_load(config)["study"]["storage"] == "postgresql://me:***@db/optuna"
+    assert yaml.safe_load(config)["tracking"]["uri"] == "http://me:***@mlflow:5000"
+
+
 def _exported(name, workspace, out) -> tuple[dict, str]:
     """(summary.json, report.md) of ``export`` of study ``name``."""
     export(name, out, "md", workspace=workspace)

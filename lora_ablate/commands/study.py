@@ -148,6 +148,7 @@ def status(workspace: Path = Path(StudyConfig().workspace), storage: str | None 
            study: str | None = None) -> list:
     """Print each study's trials: number, state, params, value (and why a trial failed)."""
     from lora_ablate.study import study_status
+    from lora_ablate.study.report import fmt_param
 
     studies = study_status(_storage_for_status(workspace, storage), study)
     if not studies:
@@ -163,14 +164,10 @@ def status(workspace: Path = Path(StudyConfig().workspace), storage: str | None 
         print(header)
         for t in s.trials:
             value = f"{t['value']:.4f}" if t["value"] is not None else "-"
-            cells = "".join(f"  {_cell(t['params'].get(n, '-')):>10}" for n in names)
+            cells = "".join(f"  {fmt_param(t['params'].get(n, '-')):>10}" for n in names)
             reason = f"  {t['reason']}" if t["reason"] else ""
             print(f"{t['number']:>6}  {t['state']:<9}{value:>10}{cells}{reason}")
     return studies
-
-
-def _cell(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def open_ui(workspace: Path = Path(StudyConfig().workspace), host: str = "127.0.0.1", port: int = 0):
@@ -214,18 +211,13 @@ def cmd_status(args) -> int:
 def cmd_ui(args) -> int:
     server = open_ui(args.workspace, args.host, args.port)
     print(f"MLflow UI: {server.url}   (Ctrl-C stops it)", flush=True)
-
-    def terminate(signum, frame):  # `kill` stops the server too, not only Ctrl-C
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        while server.process.poll() is None:
-            time.sleep(1)
+        with _sigterm_as_interrupt():  # `kill` stops the server too, not only Ctrl-C
+            while server.process.poll() is None:
+                time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         server.stop()
     return 0
 

@@ -20,10 +20,11 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from lora_ablate.config import ALPHA_RULES, ROLES
+from lora_ablate.config import ALPHA_RULES, ROLES, StudyConfig
 from lora_ablate.errors import UserError, choices
+from lora_ablate.tracking import default_uri, redact
 
-DEFAULT_WORKSPACE = Path("lora_ablate_runs")
+DEFAULT_WORKSPACE = Path(StudyConfig().workspace)
 DEFAULT_OBJECTIVE = "heldout_instances/nll"
 
 # MLflow stores params as strings; these are the documented trial params and their types.
@@ -58,7 +59,7 @@ def resolve_uri(workspace: str | Path | None = None, tracking_uri: str | None = 
     if tracking_uri:
         uri = tracking_uri
     else:
-        uri = f"sqlite:///{Path(workspace or DEFAULT_WORKSPACE).resolve()}/mlflow.db"
+        uri = default_uri(workspace or DEFAULT_WORKSPACE)
     local = None
     if uri.startswith("sqlite:///"):
         local = Path(uri[len("sqlite:///"):])
@@ -69,11 +70,6 @@ def resolve_uri(workspace: str | Path | None = None, tracking_uri: str | None = 
     if local is not None and not local.exists():
         raise UserError(f"no MLflow store at {str(local)!r}; pass the study's --workspace or --tracking-uri")
     return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without its password: URIs are printed into errors and into reports that get shared."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(uri))
 
 
 def metric_direction(metric: str) -> str:

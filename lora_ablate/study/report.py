@@ -61,8 +61,9 @@ def study_summary(study) -> dict[str, float]:
 
 
 def fmt_param(v) -> str:
-    """A parameter value as people read it: sampled floats to 3 significant digits."""
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    """A parameter value as people read it: sampled floats to 4 significant digits, what export prints and
+    ``compare --a/--b`` accepts back."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def describe(o: TrialOutcome, objective: Objective) -> str:
