@@ -39,9 +39,7 @@ from lora_ablate.models import load_base
 from lora_ablate.packed import auto_pack_size, train_packed
 from lora_ablate.targets import resolve_targets
 
-RANK_SPACE = Path(__file__).resolve().parents[1] / "experiments" / "spaces" / "rank.yaml"
-RANKS = (1, 2, 4, 8, 16, 32, 64)  # the default rank study: 7 ranks x 3 seeds, 300 steps each
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2)  # the default rank study: the rank space's 7 ranks x 3 seeds, 300 steps each
 STUDY_STEPS = 300
 
 
@@ -199,34 +197,21 @@ def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
 # ----------------------------------------------------------------------------------------- the study
 
 
-def rank_space() -> tuple[list[str], tuple[int, ...]]:
-    """The rank space's fixed settings (as config overrides) and rank grid, from experiments/spaces/rank.yaml
-    (the built-in grid and defaults if the file is not there)."""
-    import yaml
-
-    if not RANK_SPACE.is_file():
-        return [], RANKS
-    space = yaml.safe_load(RANK_SPACE.read_text())
-    overrides = [f"{k}={json.dumps(v)}" for k, v in (space.get("fixed") or {}).items()]
-    grid = (space.get("axes") or {}).get("lora.r", {}).get("grid", RANKS)
-    return overrides, tuple(int(r) for r in grid)
-
-
 def rank_study(setup: Setup, pack: int | None) -> dict:
     """The default rank study end to end: config, data, model load, 7 ranks x 3 seeds x 300 steps in packs,
     final evaluation (held-out NLL and greedy generations) of every trial. No Optuna or MLflow: the engine."""
-    from lora_ablate.config import build_experiment
     from lora_ablate.context import build_context
+    from lora_ablate.spaces import load_space, study_experiment
 
     t0 = time.perf_counter()
-    space, ranks = rank_space()
-    overrides = space + [f"model.device={setup.device.type}", f"train.steps={STUDY_STEPS}"]
-    seeds = SEEDS
+    space = load_space("rank")
+    overrides = [f"model.device={setup.device.type}", f"train.steps={STUDY_STEPS}"]
+    ranks, seeds = [cell["r"] for cell in space.cells()], SEEDS
     if setup.smoke:
         overrides += ["model.name=tiny-llama", "data.train_size=64", "data.max_length=64", "eval.size=4",
                       "eval.max_new_tokens=2", "train.steps=2"]
         ranks, seeds = (1, 4), (0,)
-    exp = build_experiment({}, overrides)
+    exp = study_experiment(space, overrides=overrides)
     ctx = build_context(exp)
     loaded = time.perf_counter() - t0
     specs = [TrialSpec(dataclasses.replace(exp.lora, r=r), dataclasses.replace(exp.train, seed=s),
@@ -235,11 +220,12 @@ def rank_study(setup: Setup, pack: int | None) -> dict:
     queue = specs[k:]
     results = train_packed(ctx.base, specs[:k], ctx.train, ctx.evaluator, progress=False,
                            refill=lambda: queue.pop(0) if queue else None,
-                           compile=setup.device.type == "cuda")  # the study's default (study.compile=auto)
+                           compile=exp.study.compiles(setup.device.type == "cuda"))  # as the study command
     total = time.perf_counter() - t0
     ok = [r for r in results if r.status == "ok"]
-    return {"trials": len(specs), "ok": len(ok), "steps": exp.train.steps, "pack": k, "settings": overrides,
-            "compiled": setup.device.type == "cuda",
+    return {"trials": len(specs), "ok": len(ok), "steps": exp.train.steps, "pack": k,
+            "settings": [f"{key}={value}" for key, value in space.fixed.items()] + overrides,
+            "compiled": exp.study.compiles(setup.device.type == "cuda"),
             "seconds_total": total, "seconds_load": loaded, "seconds_train_and_eval": total - loaded,
             "objective": {r.spec.name: r.final.metrics[exp.eval.sets[0]]["nll"] for r in ok}}
 
@@ -350,7 +336,10 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--study-pack", type=int, default=0, help="pack size for the study (0: auto, at most 21)")
     p.add_argument("--no-cudnn-attention", action="store_true",
                    help="keep SDPA off its cuDNN backend (flash instead), to compare attention kernels")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:  # the clock ticks every `warmup` steps
+        p.error(f"--warmup and --steps must be at least 1 (got {args.warmup} and {args.steps})")
+    return args
 
 
 def main(argv=None) -> dict:

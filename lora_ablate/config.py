@@ -206,6 +206,11 @@ class StudyConfig:
             raise UserError(f"study.pack={self.pack!r} is not valid; give a positive integer or auto")
         _one_of("study", "compile", str(self.compile).lower(), ("auto", "true", "false"))
 
+    def compiles(self, cuda: bool) -> bool:
+        """Whether packed training compiles the model's blocks, on a GPU (``cuda``) or not."""
+        setting = str(self.compile).lower()
+        return setting == "true" or (setting == "auto" and cuda)
+
 
 @dataclass(frozen=True)
 class TrackingConfig:

@@ -144,7 +144,8 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
 
 def _forget_gguf_quantizer(model) -> None:
     """A GGUF checkpoint is fully dequantized on load, but transformers keeps its quantizer attached and
-    then refuses ``save_pretrained`` (needed by ``--merge``); the weights are plain tensors, so drop it."""
+    then refuses ``save_pretrained`` (which writes the dequantized cache); the weights are plain tensors, so
+    drop it."""
     model.hf_quantizer = None
     model.is_quantized = False
     model.quantization_method = None

@@ -161,10 +161,9 @@ class StudyRunner:
             if self.pack > 1:
                 from lora_ablate.packed import train_packed
 
-                compile = str(self.exp.study.compile).lower()
                 train_packed(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
                              progress=self.progress, refill=self._refill, on_result=self._on_result,
-                             compile=compile == "true" or (compile == "auto" and ctx.base.device.type == "cuda"))
+                             compile=self.exp.study.compiles(ctx.base.device.type == "cuda"))
             else:  # one trial at a time on the plain peft path: the reference
                 results = train_trials(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
                                        progress=self.progress, packed=False)
