@@ -55,11 +55,13 @@ def default_uri(workspace: str | Path) -> str:
 
 
 def artifact_root(exp: Experiment) -> Path | None:
-    """Where a local store keeps artifacts (the workspace's ``artifacts/``); a server decides for itself."""
+    """Where artifacts go when the store is a database or a folder: the workspace's ``artifacts/``
+    (MLflow's own default for a database store is ``./mlruns`` in whatever the current directory is). A
+    tracking server (``http(s)://``, ``databricks``) decides for itself."""
     uri = exp.tracking.uri
-    if not uri or uri.startswith(("sqlite:", "file:")):
-        return Path(exp.study.workspace).resolve() / "artifacts"
-    return None
+    if uri and uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return Path(exp.study.workspace).resolve() / "artifacts"
 
 
 @dataclass
