@@ -20,6 +20,37 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+# Tests never write into the checkout: every path that git would list (untracked or ignored, except bytecode
+# and the editable install's metadata) is the same after the session as before it.
+def _tree_entries() -> set[str] | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all",
+                              "--ignored=matching"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (e.g. an sdist): nothing to compare
+    return {line for line in out.splitlines()
+            if "__pycache__" not in line and ".egg-info" not in line and not line.endswith(".pyc")}
+
+
+def pytest_sessionstart(session):
+    session.config._tree_before = _tree_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_tree_before", None)
+    after = _tree_entries() if before is not None else None
+    if after is None or not (new := sorted(after - before)):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"FAILED: the test session wrote into the checkout {REPO}: " + ", ".join(new[:10]),
+                            red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 # Small everywhere: fast on two loaded CPU cores.
 SMALL = {
     "model": {"name": "tiny-llama"},

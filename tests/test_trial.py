@@ -121,10 +121,17 @@ def test_grad_accumulation_matches_bigger_batch(run_trial, train_data, tmp_path,
     """2 micro-batches of 4 are exactly one batch of 8: the same examples in the same order, and the step's
     loss is the token mean over the whole accumulation window (summed NLL / the window's label tokens), so
     the accumulated gradient, the logged losses and the trained adapter agree to fp32 rounding even though
-    the two micro-batches have different numbers of label tokens."""
+    the two micro-batches have different numbers of label tokens.
+
+    The weights are compared with an absolute tolerance of 1% of one AdamW step (lr), not elementwise
+    relative: AdamW divides each gradient element by its own running magnitude, so an element whose gradient
+    is near AdamW's eps (1e-8) turns fp32 rounding of ~1e-12 into update differences of ~1e-5 (seen with
+    transformers 5.24: one element of 3,584 off by 9e-6). The old definition (each micro-batch's token mean,
+    averaged over the window) is off by ~2e-2 in the gradient and ~1e-2 in the weights here, so both
+    tolerances still catch it by orders of magnitude."""
     from lora_ablate.engine import batch_order, label_tokens
 
-    steps, seed = 3, 0
+    steps, seed, lr = 3, 0, 1e-2
     big_order, acc_order = batch_order(len(train_data), 8, seed), batch_order(len(train_data), 4, seed)
     counts = label_tokens(train_data)
     uneven = False
@@ -147,18 +154,20 @@ def test_grad_accumulation_matches_bigger_batch(run_trial, train_data, tmp_path,
     for name, (bs, accum) in {"big": (8, 1), "acc": (4, 2)}.items():
         grads.clear()
         result = run_trial(lora={"r": 4}, evaluator=None, adapter_dir=tmp_path / name,
-                           train={"steps": steps, "batch_size": bs, "grad_accum": accum, "lr": 1e-2,
+                           train={"steps": steps, "batch_size": bs, "grad_accum": accum, "lr": lr,
                                   "log_every": 1, "seed": seed})
         assert result.status == "ok", result.error
-        runs[name] = (result, grads[0], adapter_tensors(tmp_path / name))
+        runs[name] = (result, list(grads), adapter_tensors(tmp_path / name))
     (big, g_big, w_big), (acc, g_acc, w_acc) = runs["big"], runs["acc"]
     assert acc.tokens == big.tokens
     assert losses(acc) == pytest.approx(losses(big), rel=1e-5)
-    assert g_big.norm() > 0
-    assert float((g_acc - g_big).norm() / g_big.norm()) < 1e-5
+    assert len(g_big) == len(g_acc) == steps
+    for step, (gb, ga) in enumerate(zip(g_big, g_acc)):  # every step's accumulated gradient, not only the first
+        assert gb.norm() > 0
+        assert float((ga - gb).norm() / gb.norm()) < 1e-5, step
     assert w_big.keys() == w_acc.keys()
     for k in w_big:
-        assert torch.allclose(w_acc[k], w_big[k], rtol=1e-5, atol=1e-7), k
+        assert torch.allclose(w_acc[k], w_big[k], rtol=0, atol=1e-2 * lr), (k, float((w_acc[k] - w_big[k]).abs().max()))
 
 
 def test_gradient_checkpointing_same_loss(run_trial, tmp_path):
