@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lora_ablate.commands.evaluate import evaluate_adapter
+    from lora_ablate.commands.eval_adapter import evaluate_adapter
 
     evaluate_adapter(args.adapter, args.config, args.overrides, args.out)
     return 0
