@@ -18,6 +18,7 @@ import yaml
 from lora_ablate.errors import UserError, choices
 from lora_ablate.vocab import ROLES, canonical_roles, unknown_roles
 from lora_ablate.workspace import ARTIFACTS, DEFAULT_WORKSPACE, MLFLOW_DB, OPTUNA_DB
+
 ALPHA_RULES = ("rank", "free", "rslora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -49,7 +50,8 @@ def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct",
-                   "base model: smollm2-135m-instruct (embedded GGUF), tiny-llama (tests), an HF dir, a .gguf file or a hub id")
+                   "base model: smollm2-135m-instruct (embedded GGUF), tiny-llama (tests), an HF dir, a .gguf file "
+                   "or a hub id")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     device: str = _f("auto", "device: auto (cuda if available), cpu, cuda, cuda:N")
     quantization: str = _f("none", "load the frozen base through bitsandbytes: none, 8bit, 4bit (nf4); CUDA only")
@@ -65,8 +67,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = _f("builtin:train", "training records: builtin:<split>, a .jsonl/.json/.csv/.parquet file, or hf:<dataset id>")
-    fields: dict = _f({}, "field mapping from our names (instruction, input, output | prompt, completion) to the file's columns")
+    train: str = _f("builtin:train",
+                    "training records: builtin:<split>, a .jsonl/.json/.csv/.parquet file, or hf:<dataset id>")
+    fields: dict = _f({}, "field mapping from our names (instruction, input, output | prompt, completion) to the "
+                          "file's columns")
     template: str = _f("alpaca", "prompt template: alpaca, or chat (the tokenizer's chat template)")
     max_length: int = _f(256, "sequences are truncated to this many tokens (prompt + output)")
     train_size: int = _f(2000, "number of training records (built-in: generated; files: first N, 0 = all)")
@@ -88,7 +92,8 @@ class LoraConfig:
     alpha_rule: str = _f("rank", "rank: alpha = r (scale 1); free: scale alpha/r; rslora: scale alpha/sqrt(r)")
     alpha: float = _f(16.0, "alpha for the free and rslora rules (ignored by the rank rule)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    targets: tuple = _f(("q", "v"), "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
+    targets: tuple = _f(("q", "v"),
+                        "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
     init: str = _f("default", "LoRA A init: default (Kaiming-uniform, peft's default) or gaussian; B is always zero")
 
     def __post_init__(self):

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_ablate.config import (Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml,
-                                read_mapping, replace)
+from lora_ablate.config import Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml, read_mapping, replace
 from lora_ablate.errors import UserError, choices
 from lora_ablate.vocab import ROLES, SEED_KEY, targets_text, unknown_roles
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from lora_ablate.config import Experiment
-from lora_ablate.vocab import RUN_STATUS, State
+from lora_ablate.vocab import State
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch

@@ -21,8 +21,8 @@ from lora_ablate.commands.results import compare, export
 from lora_ablate.errors import UserError
 from lora_ablate.export.axes import detect_axes, log_bins
 from lora_ablate.export.selection import canonical_targets, parse_selection, select
-from lora_ablate.export.tracked import open_study
 from lora_ablate.export.tables import build_tables
+from lora_ablate.export.tracked import open_study
 from lora_ablate.vocab import format_value
 
 RANKS = (4, 8, 64)
@@ -348,7 +348,7 @@ def test_configuration_table_and_single_seed_cell(store, exported):
     one = rows[(64, "q,k,v,o")]
     assert one["n"] == "1" and one["heldout_instances/nll std"] == "" and one["heldout_instances/nll ci_low"] == ""
     md = (exported / "report.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith("| 64 | q,k,v,o | 1 |"))
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 64 | q,k,v,o | 1 |"))
     assert "±" not in line and "[" not in line
 
 
@@ -402,7 +402,7 @@ def _check_tabular(text):
     assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") >= 1
     for m in re.finditer(r"\\begin\{tabular\}\{([lcr]+)\}(.*?)\\end\{tabular\}", text, re.S):
         ncols = len(m.group(1))
-        rows = [l for l in m.group(2).splitlines() if l.strip().endswith("\\\\")]
+        rows = [ln for ln in m.group(2).splitlines() if ln.strip().endswith("\\\\")]
         assert rows
         for row in rows:
             assert len(re.findall(r"(?<!\\)&", row)) == ncols - 1, row

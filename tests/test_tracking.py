@@ -182,7 +182,9 @@ def test_a_trial_config_artifact_keeps_no_store_password(make_exp, tmp_path):
     exp = make_exp(study={"storage": "postgresql://me:hunter2@db/optuna"},
                    tracking={"uri": "http://me:hunter2@mlflow:5000"})
     tracker = tracking.MlflowTracker(mlflow_uri(tmp_path), tmp_path / "artifacts")
-    run_id = tracker.client.create_run(tracker.client.create_experiment("secrets")).info.run_id
+    # artifacts under tmp_path: without a location MLflow writes ./mlruns into the current directory
+    experiment_id = tracker.client.create_experiment("secrets", (tmp_path / "artifacts").as_uri())
+    run_id = tracker.client.create_run(experiment_id).info.run_id
     tracker.finish_trial(run_id, TrialRecord(0, {"r": 8, "seed": 0}, exp, state="COMPLETE"))
     config = Path(tracker.client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
     assert "hunter2" not in config

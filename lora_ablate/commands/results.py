@@ -200,9 +200,9 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
             confidence: float = 0.95) -> Comparison:
     """Difference ``b - a`` of a held-out metric with a paired bootstrap CI and p-value, over the
     per-example scores of both configurations' seeds; printed as one plain sentence."""
-    from lora_ablate.export.tracked import open_study
     from lora_ablate.export.stats import paired_bootstrap
     from lora_ablate.export.tables import METRIC_WORDS
+    from lora_ablate.export.tracked import open_study
 
     if n_boot < 100:
         raise UserError(f"--n-boot {n_boot} is too few for a 95% interval; use at least 100 (default 10000)")
@@ -262,7 +262,8 @@ def cmd_compare(args) -> int:
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workspace", type=Path, help=f"workspace folder holding {MLFLOW_DB} (default ./{DEFAULT_WORKSPACE})")
+    where.add_argument("--workspace", type=Path,
+                       help=f"workspace folder holding {MLFLOW_DB} (default ./{DEFAULT_WORKSPACE})")
     where.add_argument("--tracking-uri", help="any MLflow tracking URI (e.g. a shared server) instead of the workspace")
 
 

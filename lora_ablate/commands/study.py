@@ -204,7 +204,8 @@ def register(sub) -> None:
     s.add_argument("--seeds", type=int, help="repeat every configuration with N seeds (default 1)")
     s.add_argument("--n-trials", type=int, help="trials to run now (default: all the space still needs)")
     s.add_argument("--timeout", type=float, help="start no new trial after S seconds")
-    s.add_argument("--workspace", type=Path, help=f"folder of {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/ (default {default_ws})")
+    s.add_argument("--workspace", type=Path,
+                   help=f"folder of {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/ (default {default_ws})")
     s.add_argument("--storage", help=f"Optuna RDB URL instead of <workspace>/{OPTUNA_DB}")
     s.add_argument("--tracking-uri", help=f"MLflow tracking URI instead of <workspace>/{MLFLOW_DB}")
     s.add_argument("--study-name", help="study name (default <space>-<model>)")

@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lora_ablate.export.axes import ResultAxis
-from lora_ablate.export.tracked import Study
 from lora_ablate.export.stats import param_importances, summarize
 from lora_ablate.export.tables import metric_label, stem
+from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import format_value
 
 # 8 x 5 inches at 100 dpi: every PNG is 800 x 500 pixels, so a report's layout does not depend on data.

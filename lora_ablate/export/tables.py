@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from lora_ablate.export.axes import ResultAxis
-from lora_ablate.export.tracked import Study
 from lora_ablate.export.stats import Summary, summarize
+from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import State, format_value, state_word
 
 METRIC_WORDS = {"nll": "NLL", "ppl": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}

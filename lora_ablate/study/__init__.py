@@ -36,8 +36,17 @@ from lora_ablate.study.heartbeat import GRACE_S, HEARTBEAT_S, STALE_RETRIES
 from lora_ablate.study.outcomes import StudyReport, TrialOutcome
 from lora_ablate.study.runner import StudyRunner, run_study
 from lora_ablate.study.schedule import Plan, plan
-from lora_ablate.study.settings import (METRIC_DIRECTIONS, Objective, base_config, check_study, eval_set_name,
-                                        objective_of, seeds_of, storage_url, study_name)
+from lora_ablate.study.settings import (
+                                        METRIC_DIRECTIONS,
+                                        Objective,
+                                        base_config,
+                                        check_study,
+                                        eval_set_name,
+                                        objective_of,
+                                        seeds_of,
+                                        storage_url,
+                                        study_name,
+)
 from lora_ablate.study.status import StudyStatus, study_status
 from lora_ablate.study.storage import open_storage
 from lora_ablate.study.trials import config_key

@@ -11,6 +11,7 @@ from lora_ablate.errors import UserError, choices
 from lora_ablate.spaces import Space
 from lora_ablate.vocab import METRIC_DIRECTIONS, SEED_KEY
 from lora_ablate.workspace import optuna_url
+
 GENERATED = ("exact_match", "rouge_l")
 
 
