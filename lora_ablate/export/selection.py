@@ -12,7 +12,7 @@ from lora_ablate.export.axes import sort_key
 from lora_ablate.export.runs import NON_PARAM_COLUMNS, PARAM_TYPES, SCALARS
 from lora_ablate.vocab import ROLES, format_value, targets_text
 
-_LONGEST_FIRST = sorted(ROLES, key=len, reverse=True)  # a role is never read as a shorter one and a rest
+_LONGEST_FIRST = sorted(ROLES, key=len, reverse=True)  # so a role is never split into shorter ones
 
 
 def canonical_targets(text: str) -> str:
