@@ -162,8 +162,8 @@ def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
     plan = resolve_targets(base.model, spec.lora.targets)
     torch.manual_seed(0)
     model = get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
-    rows = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long)}
-            for r in data.input_ids]
+    rows = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r),
+             "attention_mask": torch.ones(len(r), dtype=torch.long)} for r in data.input_ids]
     stamps: dict[int, float] = {}
 
     class Stamp(TrainerCallback):
@@ -248,7 +248,8 @@ class Report:
             if r.get("error"):
                 continue
             r["ratio_to_baseline"] = (r["tokens_per_s_aggregate"] / base["tokens_per_s_aggregate"]) if base else None
-            r["ratio_per_trial_to_baseline"] = (r["tokens_per_s_per_trial"] / base["tokens_per_s_per_trial"]) if base else None
+            r["ratio_per_trial_to_baseline"] = (r["tokens_per_s_per_trial"] / base["tokens_per_s_per_trial"]
+                                                if base else None)
             r["mfu"] = r["tokens_per_s_aggregate"] * fpt / (ceiling * 1e12) if ceiling else None
         self.data["targets"] = self.targets()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,8 @@ class Report:
             "best_pack": best_pack["name"] if best_pack else None,
             "best_pack_x_baseline": best_pack.get("ratio_to_baseline") if best_pack else None,
             "best_pack_mfu": best_pack.get("mfu") if best_pack else None,
-            "pack_ok": None if not best_pack or best_pack.get("ratio_to_baseline") is None or best_pack.get("mfu") is None
+            "pack_ok": None
+            if not best_pack or best_pack.get("ratio_to_baseline") is None or best_pack.get("mfu") is None
             else best_pack["ratio_to_baseline"] >= 50 and best_pack["mfu"] >= 0.30,
             "pack_memory_per_trial_ok": None if not (mem and single and single.get("peak_mem_mb_per_trial"))
             else max(mem) <= single["peak_mem_mb_per_trial"],
@@ -292,11 +294,13 @@ class Report:
                          f"{f(r.get('mfu'), '.1%'):>8}{f(r.get('peak_mem_mb_per_trial'), ',.0f'):>10}")
         if "ceiling_tflops" in self.data:
             lines.append(f"ceiling: {self.data['ceiling_tflops']:.0f} TFLOP/s ({self.data['ceiling_kind']}); "
-                         f"model FLOPs/token: {self.data['flops_per_token'] / 1e6:.0f}M (4 x {self.data['params'] / 1e6:.1f}M)")
+                         f"model FLOPs/token: {self.data['flops_per_token'] / 1e6:.0f}M "
+                         f"(4 x {self.data['params'] / 1e6:.1f}M)")
         if "study" in self.data:
             s = self.data["study"]
             lines.append(s.get("error") or (f"rank study: {s['ok']}/{s['trials']} trials x {s['steps']} steps in "
-                                            f"{s['seconds_total']:.1f} s (load {s['seconds_load']:.1f} s, pack {s['pack']})"))
+                                            f"{s['seconds_total']:.1f} s (load {s['seconds_load']:.1f} s, "
+                                            f"pack {s['pack']})"))
         return "\n".join(lines)
 
 
@@ -359,7 +363,8 @@ def main(argv=None) -> dict:
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
-    report = Report(args.out, {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = Report(args.out, {"device": device_name,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "model": setup.model_name, "batch": setup.batch, "seq": setup.seq,
                                "lora": "r=8, alpha=r, q/k/v/o", "warmup_steps": warmup, "timed_steps": steps,
@@ -463,6 +468,7 @@ def profile(base, data: Encoded, setup: Setup, k: int = 16, steps: int = 3) -> d
              for s in (lora_spec(setup, seed=i) for i in range(k))]
     train_packed(base, specs, data, None, Window(), progress=False, compile=cuda, cuda_graphs=False)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = "device_time_total" if cuda else "cpu_time_total"
     events = prof.key_averages()
     # on a GPU the kernels themselves (device-side events) hold the device time; operators only sum it up
     kernels = [e for e in events if not cuda or "CUDA" in str(getattr(e, "device_type", ""))]
@@ -471,8 +477,8 @@ def profile(base, data: Encoded, setup: Setup, k: int = 16, steps: int = 3) -> d
             "top_kernels": [{"name": e.key[:120], "calls": e.count // steps, "ms_per_step": ms(e)}
                             for e in sorted(kernels, key=lambda e: -ms(e))[:40]],
             "top_operators": [{"name": e.key[:120], "calls": e.count // steps,
-                               "ms_per_step": ms(e, "device_time_total" if cuda else "cpu_time_total")}
-                              for e in sorted(events, key=lambda e: -ms(e, "device_time_total" if cuda else "cpu_time_total"))[:40]],
+                               "ms_per_step": ms(e, total)}
+                              for e in sorted(events, key=lambda e: -ms(e, total))[:40]],
             "table": events.table(sort_by=key, row_limit=40, max_name_column_width=80)}
 
 

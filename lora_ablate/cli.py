@@ -26,15 +26,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lora_ablate.commands.evaluate import evaluate_adapter
+    from lora_ablate.commands.eval_adapter import evaluate_adapter
 
     evaluate_adapter(args.adapter, args.config, args.overrides, args.out)
     return 0
 
 
 def cmd_config(args) -> int:
-    from lora_ablate.config import describe, to_plain
     import yaml
+
+    from lora_ablate.config import describe, to_plain
 
     if args.config or args.overrides:
         print(yaml.safe_dump(to_plain(_experiment(args)), sort_keys=False), end="")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp):
         sp.add_argument("--config", type=Path, help="experiment YAML (sections model, data, lora, train, eval, ...)")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=16 lora.targets=[q,v]")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. lora.r=16 lora.targets=[q,v]")
 
     t = sub.add_parser("train", help="train and evaluate one LoRA adapter into a run folder")
     with_config(t)

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from lora_ablate.errors import UserError, choices
+from lora_ablate.vocab import ROLES, canonical_roles, unknown_roles
+from lora_ablate.workspace import ARTIFACTS, DEFAULT_WORKSPACE, MLFLOW_DB, OPTUNA_DB
 
-ROLES = ("q", "k", "v", "o", "mlp")
 ALPHA_RULES = ("rank", "free", "rslora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -49,7 +50,8 @@ def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct",
-                   "base model: smollm2-135m-instruct (embedded GGUF), tiny-llama (tests), an HF dir, a .gguf file or a hub id")
+                   "base model: smollm2-135m-instruct (embedded GGUF), tiny-llama (tests), an HF dir, a .gguf file "
+                   "or a hub id")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     device: str = _f("auto", "device: auto (cuda if available), cpu, cuda, cuda:N")
     quantization: str = _f("none", "load the frozen base through bitsandbytes: none, 8bit, 4bit (nf4); CUDA only")
@@ -65,8 +67,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = _f("builtin:train", "training records: builtin:<split>, a .jsonl/.json/.csv/.parquet file, or hf:<dataset id>")
-    fields: dict = _f({}, "field mapping from our names (instruction, input, output | prompt, completion) to the file's columns")
+    train: str = _f("builtin:train",
+                    "training records: builtin:<split>, a .jsonl/.json/.csv/.parquet file, or hf:<dataset id>")
+    fields: dict = _f({}, "field mapping from our names (instruction, input, output | prompt, completion) to the "
+                          "file's columns")
     template: str = _f("alpaca", "prompt template: alpaca, or chat (the tokenizer's chat template)")
     max_length: int = _f(256, "sequences are truncated to this many tokens (prompt + output)")
     train_size: int = _f(2000, "number of training records (built-in: generated; files: first N, 0 = all)")
@@ -88,7 +92,8 @@ class LoraConfig:
     alpha_rule: str = _f("rank", "rank: alpha = r (scale 1); free: scale alpha/r; rslora: scale alpha/sqrt(r)")
     alpha: float = _f(16.0, "alpha for the free and rslora rules (ignored by the rank rule)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    targets: tuple = _f(("q", "v"), "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
+    targets: tuple = _f(("q", "v"),
+                        "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
     init: str = _f("default", "LoRA A init: default (Kaiming-uniform, peft's default) or gaussian; B is always zero")
 
     def __post_init__(self):
@@ -100,13 +105,12 @@ class LoraConfig:
             raise UserError(f"lora.dropout={self.dropout!r} is not valid; it must be in [0, 1)")
         if not self.targets:
             raise UserError(f"lora.targets is empty; choose a non-empty subset of: {choices(ROLES)}")
-        for t in self.targets:
-            if t not in ROLES:
-                raise UserError(f"lora.targets has unknown target {t!r}; choose a subset of: {choices(ROLES)}")
+        bad = unknown_roles(self.targets)
+        if bad:
+            raise UserError(f"lora.targets has unknown target {bad[0]!r}; choose a subset of: {choices(ROLES)}")
         if len(set(self.targets)) != len(self.targets):
             raise UserError(f"lora.targets={list(self.targets)} repeats a target")
-        # canonical order, so that [v, q] and [q, v] are one configuration
-        object.__setattr__(self, "targets", tuple(r for r in ROLES if r in self.targets))
+        object.__setattr__(self, "targets", canonical_roles(self.targets))
         _one_of("lora", "init", self.init, INITS)
 
     @property
@@ -184,14 +188,14 @@ class StudyConfig:
     pack: str = _f("1", "trials trained together in one pass over the base: a number or auto")
     compile: str = _f("auto", "torch.compile the model's blocks in packed training (about 2x faster steps on a "
                               "GPU after a one-off compilation): auto (on a GPU), true, false")
-    workspace: str = _f("lora_ablate_runs", "folder of the embedded stores: optuna.db, mlflow.db, artifacts/")
-    storage: str = _f("", "Optuna RDB storage URL (default: sqlite:///<workspace>/optuna.db)")
+    workspace: str = _f(DEFAULT_WORKSPACE, f"folder of the embedded stores: {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/")
+    storage: str = _f("", f"Optuna RDB storage URL (default: sqlite:///<workspace>/{OPTUNA_DB})")
     retry_failed: bool = _f(True, "train failed trials again when the study is resumed (false: a failure is final)")
 
     def __post_init__(self):
         _positive("study", "seeds", self.seeds)
         if not self.workspace:
-            raise UserError("study.workspace is empty; give a folder, e.g. --workspace lora_ablate_runs")
+            raise UserError(f"study.workspace is empty; give a folder, e.g. --workspace {DEFAULT_WORKSPACE}")
         if self.storage and "://" not in self.storage:
             raise UserError(f"study.storage={self.storage!r} is not an RDB URL; write e.g. sqlite:///study.db "
                             "or postgresql://user@host/db")
@@ -215,12 +219,12 @@ class StudyConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = _f(True, "record runs in MLflow (training works with this off)")
-    uri: str = _f("", "MLflow tracking URI (default: sqlite:///<workspace>/mlflow.db)")
+    uri: str = _f("", f"MLflow tracking URI (default: sqlite:///<workspace>/{MLFLOW_DB})")
 
     def __post_init__(self):
         if self.uri and "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
             raise UserError(f"tracking.uri={self.uri!r} is not a URI; write e.g. http://host:5000 or "
-                            "sqlite:///mlflow.db")
+                            f"sqlite:///{MLFLOW_DB}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,7 @@ def _section_class(name: str):
             "eval": EvalConfig, "study": StudyConfig, "tracking": TrackingConfig}[name]
 
 
-def _coerce(where: str, value, typ):
+def coerce(where: str, value, typ):
     """Coerce a YAML/CLI value to the field's declared type, or raise a one-line UserError."""
     if typ is bool:
         if isinstance(value, bool):
@@ -319,7 +323,7 @@ def _build_section(name: str, values: dict):
     for key, value in values.items():
         if key not in known:
             raise UserError(f"unknown config key {name}.{key}; valid keys in {name}: {choices(known)}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
 

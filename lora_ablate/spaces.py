@@ -28,18 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_ablate.config import (ROLES, Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml,
-                                read_mapping, replace)
+from lora_ablate.config import Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml, read_mapping, replace
 from lora_ablate.errors import UserError, choices
+from lora_ablate.vocab import ROLES, SEED_KEY, targets_text, unknown_roles
 
 SPACES_ENV = "LORA_ABLATE_SPACES"
 GRID = "grid"
 SAMPLED_KINDS = ("choice", "uniform", "log_uniform", "int", "log_int")
 KINDS = (GRID, *SAMPLED_KINDS)
 # Only what a TrialSpec carries can vary between trials: the base model, data and held-out sets are
-# loaded once per worker. train.seed is the --seeds axis.
+# loaded once per worker. The seed is the --seeds axis.
 AXIS_SECTIONS = {"lora": LoraConfig, "train": TrainConfig}
-NOT_AXES = ("train.seed",)
 DEFAULT_SAMPLES = 20
 FILE_KEYS = ("name", "description", "fixed", "axes", "samples", "match_budget", "startup_trials")
 
@@ -58,7 +57,7 @@ def space_names() -> list[str]:
 
 def axis_keys() -> list[str]:
     keys = [f"{sec}.{f.name}" for sec, cls in AXIS_SECTIONS.items() for f in dataclasses.fields(cls)]
-    return [k for k in keys if k not in NOT_AXES]
+    return [k for k in keys if k != SEED_KEY]
 
 
 def targets_value(roles) -> str:
@@ -66,10 +65,9 @@ def targets_value(roles) -> str:
     if isinstance(roles, str):
         roles = [r for r in roles.replace(" ", "").split(",") if r]
     roles = list(roles)
-    bad = [r for r in roles if r not in ROLES]
-    if bad or not roles:
+    if unknown_roles(roles) or not roles:
         raise UserError(f"targets {roles!r} is not valid; choose a non-empty subset of: {choices(ROLES)}")
-    return ",".join(r for r in ROLES if r in roles)
+    return targets_text(roles)
 
 
 def subsets(roles) -> list[str]:
@@ -277,7 +275,7 @@ def _check_config(where: str, what: str, raw: dict) -> None:
 
 def _parse_axis(where: str, key: str, spec) -> Axis:
     if key not in axis_keys():
-        hint = "; train.seed is set by --seeds" if key in NOT_AXES else ""
+        hint = "; train.seed is set by --seeds" if key == SEED_KEY else ""
         raise UserError(f"{where}: {key!r} cannot be an axis{hint}; axes may vary: {choices(axis_keys())}")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"{where}: axis {key} must be one of {choices(KINDS)} with its values, "

@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lora_ablate.config import ROLES
 from lora_ablate.errors import UserError, choices
+from lora_ablate.vocab import ROLES, canonical_roles, unknown_roles
 
 FUSED = "qkv"
 _QKV = ("q", "k", "v")
@@ -136,13 +136,12 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
 def _canonical_roles(roles: Sequence[str]) -> tuple[str, ...]:
     if isinstance(roles, str):
         roles = [roles]
-    for role in roles:
-        if role not in ROLES:
-            raise UserError(f"unknown target role {role!r}; choose a subset of: {choices(ROLES)}")
+    bad = unknown_roles(roles)
+    if bad:
+        raise UserError(f"unknown target role {bad[0]!r}; choose a subset of: {choices(ROLES)}")
     if not roles:
         raise UserError(f"no target roles given; choose a non-empty subset of: {choices(ROLES)}")
-    # canonical order, so that [v, q] and [q, v] give one plan
-    return tuple(r for r in ROLES if r in roles)
+    return canonical_roles(roles)
 
 
 def _refuse_partial_fused(arch: str, roles: tuple[str, ...], table: dict) -> None:

@@ -1,7 +1,8 @@
 """MLflow tracking of studies, by the schema in docs/tracking.md: one experiment per study, one parent run
-per ``study`` invocation, one nested run per trial, and the ``ui`` server.
+per ``study`` invocation, one nested run per trial.
 
-The only module that writes to MLflow (export/reader.py reads the store back). ``mlflow`` is imported only when tracking is on, so a study with
+The only module that writes to MLflow (``export.runs`` reads the store back; ``ui_server`` serves it).
+``mlflow`` is imported only when tracking is on, so a study with
 ``--no-tracking`` neither needs nor loads it. Runs are addressed by id through ``MlflowClient`` (never
 the fluent active-run stack), so several trials of a pack can be open at once.
 """
@@ -11,57 +12,30 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from lora_ablate.config import Experiment
-from lora_ablate.errors import UserError
+from lora_ablate.vocab import State
+from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
     from lora_ablate.engine import TrialResult
     from lora_ablate.evaluation import EvalReport
 
 TAG = "lora_ablate."
-# MLflow run status per trial state (a pruned trial was stopped on purpose: KILLED)
-RUN_STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 # Step metrics of a run are written at most this often (and whenever the run ends): with one store
 # transaction per trial per log step, a pack of 21 trials trained at 86 ms a step through the CLI on an H200
 # with the sqlite store, 52.5 ms with these batches.
 FLUSH_SECONDS = 10.0
-
-
-def redact(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: URLs end up in tags,
-    errors and shared reports."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(url))
-
-
-def default_uri(workspace: str | Path) -> str:
-    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
-
-
-def artifact_root(exp: Experiment) -> Path | None:
-    """Where artifacts go when the store is a database or a folder: the workspace's ``artifacts/``
-    (MLflow's own default for a database store is ``./mlruns`` in whatever the current directory is). A
-    tracking server (``http(s)://``, ``databricks``) decides for itself."""
-    uri = exp.tracking.uri
-    if uri and uri.split(":", 1)[0] in ("http", "https", "databricks"):
-        return None
-    return Path(exp.study.workspace).resolve() / "artifacts"
 
 
 @dataclass
@@ -86,7 +60,7 @@ class TrialRecord:
     params: dict
     exp: Experiment | None
     config_key: str = ""
-    state: str = "RUNNING"  # COMPLETE, FAIL, PRUNED
+    state: str = State.RUNNING  # then one of FINAL_STATES
     reason: str = ""
     result: TrialResult | None = None
     wall_s: float = 0.0
@@ -211,7 +185,7 @@ class MlflowTracker(Tracker):
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, f"{TAG}kind": "trial", f"{TAG}study": self.study,
-                f"{TAG}trial_number": str(trial.number), f"{TAG}state": "RUNNING",
+                f"{TAG}trial_number": str(trial.number), f"{TAG}state": State.RUNNING,
                 f"{TAG}config_key": trial.config_key, f"{TAG}optuna_storage": self.storage}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{trial.number}")
         run_id = run.info.run_id
@@ -262,7 +236,7 @@ class MlflowTracker(Tracker):
                 (staging / "config.yaml").write_text(yaml.safe_dump(redacted(trial.exp).to_dict(), sort_keys=False))
             if any(staging.iterdir()):
                 self.client.log_artifacts(run_id, str(staging))
-            self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"))
+            self.client.set_terminated(run_id, State(trial.state).run_status)
         finally:
             shutil.rmtree(self._staging.pop(run_id, staging), ignore_errors=True)
 
@@ -270,8 +244,8 @@ class MlflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         self._flush(run_id)
-        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", "FAIL"), RunTag(f"{TAG}fail_reason", reason)])
-        self.client.set_terminated(run_id, "FAILED")
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", State.FAIL), RunTag(f"{TAG}fail_reason", reason)])
+        self.client.set_terminated(run_id, State.FAIL.run_status)
 
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         for run_id in list(self._pending):  # runs that never finished (an interrupted study)
@@ -308,7 +282,8 @@ def _as_metrics(step: int, values: dict[str, float]) -> list:
 def make_tracker(exp: Experiment) -> Tracker:
     if not exp.tracking.enabled:
         return Tracker()
-    return MlflowTracker(exp.tracking.uri or default_uri(exp.study.workspace), artifact_root(exp))
+    return MlflowTracker(exp.tracking.uri or mlflow_uri(exp.study.workspace),
+                         artifact_root(exp.study.workspace, exp.tracking.uri))
 
 
 def _jsonl(path: Path, rows) -> None:
@@ -319,68 +294,3 @@ def _jsonl(path: Path, rows) -> None:
 
 def _json_default(x):
     return None if isinstance(x, float) and not math.isfinite(x) else str(x)
-
-
-# ----------------------------------------------------------------------------- ui
-
-
-@dataclass
-class UiServer:
-    """A running ``mlflow server`` (its own process group, so its uvicorn workers stop with it)."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def stop(self, timeout: float = 15.0, keep_log: bool = False) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if not keep_log:
-            self.log.unlink(missing_ok=True)
-
-    def __enter__(self) -> "UiServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def start_ui(backend_uri: str, artifacts: Path | None = None, host: str = "127.0.0.1", port: int = 0,
-             timeout: float = 90.0) -> UiServer:
-    """Start the MLflow UI on ``backend_uri`` and return once it answers (``/health``)."""
-    port = port or free_port(host)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
-    if artifacts is not None:
-        cmd += ["--default-artifact-root", artifacts.as_uri()]
-    # The job runner (GenAI background jobs) starts half a dozen worker processes a study never needs.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = Path(tempfile.mkstemp(prefix="lora_ablate_ui_", suffix=".log")[1])
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = UiServer(f"http://{host}:{port}", proc, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"mlflow server exited with status {proc.returncode}: {tail[0]} (log: {log})")
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.5)
-    server.stop(keep_log=True)
-    raise UserError(f"mlflow server did not answer on {server.url} within {timeout:.0f} s (log: {log})")

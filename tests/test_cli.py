@@ -151,7 +151,7 @@ def test_eval_reproduces_final_metrics(run, tmp_path, capsys, where):
 
 
 def test_eval_with_overrides(run, capsys):
-    from lora_ablate.commands.evaluate import evaluate_adapter
+    from lora_ablate.commands.eval_adapter import evaluate_adapter
 
     metrics = evaluate_adapter(run, overrides=["eval.sets=[heldout_tasks]", "eval.size=4", "eval.generate=false"])
     assert set(metrics) == {"heldout_tasks"} and metrics["heldout_tasks"]["n"] == 4

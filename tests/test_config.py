@@ -5,8 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from lora_ablate.config import (ALPHA_RULES, QUANTIZATIONS, ROLES, SECTIONS, Experiment, LoraConfig, build_experiment,
-                                describe, load_experiment, parse_override, replace)
+from lora_ablate.config import (
+    ALPHA_RULES,
+    QUANTIZATIONS,
+    ROLES,
+    SECTIONS,
+    Experiment,
+    LoraConfig,
+    build_experiment,
+    describe,
+    load_experiment,
+    parse_override,
+    replace,
+)
 from lora_ablate.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,7 +212,7 @@ def test_describe_documents_every_field():
     expected = {f"{sec}.{f.name}" for sec, cls in
                 ((s, type(getattr(Experiment(), s))) for s in SECTIONS) for f in dataclasses.fields(cls)}
     assert set(keys) == expected
-    for key, default, doc in rows:
+    for key, _default, doc in rows:
         assert doc and len(doc) > 10 and "\n" not in doc, key
     defaults = dict((k, d) for k, d, _ in rows)
     assert defaults["lora.r"] == 8 and defaults["lora.targets"] == ["q", "v"]

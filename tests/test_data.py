@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from lora_ablate.config import DataConfig
-from lora_ablate.data import (IGNORE, Encoded, Example, encode, encode_all, load_eval_set, load_examples,
-                              load_train, prompt_ids, render_prompt)
+from lora_ablate.data import (
+    IGNORE,
+    Encoded,
+    Example,
+    encode,
+    encode_all,
+    load_eval_set,
+    load_examples,
+    load_train,
+    prompt_ids,
+    render_prompt,
+)
 from lora_ablate.errors import UserError
 from lora_ablate.tiny import tiny_tokenizer
 

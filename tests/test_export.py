@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 
@@ -16,11 +17,13 @@ import pytest
 from scipy import stats
 
 from lora_ablate.cli import main
-from lora_ablate.commands.export import compare, export
+from lora_ablate.commands.results import compare, export
 from lora_ablate.errors import UserError
-from lora_ablate.export.reader import (canonical_targets, detect_axes, format_value, log_bins, open_study,
-                                       parse_selection, select)
+from lora_ablate.export.axes import detect_axes, log_bins
+from lora_ablate.export.selection import canonical_targets, parse_selection, select
 from lora_ablate.export.tables import build_tables
+from lora_ablate.export.tracked import open_study
+from lora_ablate.vocab import format_value
 
 RANKS = (4, 8, 64)
 TARGETS = ("q,v", "q,k,v,o")
@@ -291,7 +294,7 @@ def test_a_column_where_every_row_ties_has_no_best(store):
 
 
 def test_reports_do_not_carry_tracking_passwords():
-    from lora_ablate.export.reader import Study
+    from lora_ablate.export.tracked import Study
 
     study = Study("s", "postgresql://me:secret@db:5432/mlflow", "1", {}, None)
     assert study.display_uri == "postgresql://me:***@db:5432/mlflow"
@@ -345,7 +348,7 @@ def test_configuration_table_and_single_seed_cell(store, exported):
     one = rows[(64, "q,k,v,o")]
     assert one["n"] == "1" and one["heldout_instances/nll std"] == "" and one["heldout_instances/nll ci_low"] == ""
     md = (exported / "report.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith("| 64 | q,k,v,o | 1 |"))
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 64 | q,k,v,o | 1 |"))
     assert "±" not in line and "[" not in line
 
 
@@ -399,7 +402,7 @@ def _check_tabular(text):
     assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") >= 1
     for m in re.finditer(r"\\begin\{tabular\}\{([lcr]+)\}(.*?)\\end\{tabular\}", text, re.S):
         ncols = len(m.group(1))
-        rows = [l for l in m.group(2).splitlines() if l.strip().endswith("\\\\")]
+        rows = [ln for ln in m.group(2).splitlines() if ln.strip().endswith("\\\\")]
         assert rows
         for row in rows:
             assert len(re.findall(r"(?<!\\)&", row)) == ncols - 1, row
@@ -633,3 +636,12 @@ def test_selections_that_match_nothing_or_too_much(store, capsys):
     err = _error(capsys, base + ["--a", "r=8,targets=qv", "--b", "r=64,targets=qv", "--metric",
                                  "heldout_instances/ppl"])
     assert "no per-example 'ppl'" in err and "exact_match" in err
+
+
+def test_export_and_the_shared_vocabulary_import_no_torch():
+    # export runs on a laptop without a GPU stack; only a study needs torch
+    code = ("import sys, lora_ablate.cli, lora_ablate.commands.results, lora_ablate.commands.ui, "
+            "lora_ablate.export.tracked, lora_ablate.export.selection, lora_ablate.export.tables, "
+            "lora_ablate.export.plots, lora_ablate.export.html_report, lora_ablate.tracking, "
+            "lora_ablate.vocab, lora_ablate.workspace; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,8 +6,7 @@ import yaml
 
 from lora_ablate.cli import main
 from lora_ablate.errors import UserError
-from lora_ablate.spaces import (Budget, budget_rank, load_space, params_per_rank, space_names, study_experiment,
-                                subsets)
+from lora_ablate.spaces import Budget, budget_rank, load_space, params_per_rank, space_names, study_experiment, subsets
 
 
 def space_from(tmp_path, body: dict, name="custom"):

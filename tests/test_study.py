@@ -21,7 +21,9 @@ from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.spaces import parse_space
 from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
-from lora_ablate.tracking import RUN_STATUS, default_uri, make_tracker
+from lora_ablate.tracking import make_tracker
+from lora_ablate.vocab import RUN_STATUS
+from lora_ablate.workspace import mlflow_uri
 
 BASE = {
     "model": {"name": "tiny-llama"},
@@ -350,7 +352,7 @@ def test_a_diverging_trial_leaves_the_pack_and_the_next_trial_takes_its_slot(tmp
 
     # told to Optuna and logged to MLflow exactly once each, as each trial finished
     assert told == logged == [1, 0, 2, 3, 4, 5]
-    client = MlflowClient(tracking_uri=default_uri(exp.study.workspace))
+    client = MlflowClient(tracking_uri=mlflow_uri(exp.study.workspace))
     runs = client.search_runs([client.get_experiment_by_name(report.name).experiment_id],
                               "tags.`lora_ablate.kind` = 'trial'")
     assert sorted(int(r.data.tags["lora_ablate.trial_number"]) for r in runs) == list(range(6))
@@ -499,7 +501,7 @@ def test_cli_bad_input_in_an_existing_workspace_leaves_no_study(tmp_path, capsys
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert optuna.study.get_all_study_names(url) == ["two-tiny-llama"]
     assert snapshot() == before
-    assert MlflowClient(tracking_uri=default_uri(ws)).get_experiment_by_name("new-name") is None
+    assert MlflowClient(tracking_uri=mlflow_uri(ws)).get_experiment_by_name("new-name") is None
 
 
 def test_a_study_whose_first_run_failed_on_its_input_resumes_with_the_fixed_input(tmp_path, ctx, experiment):

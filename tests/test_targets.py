@@ -9,8 +9,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lora_ablate.errors import UserError
-from lora_ablate.targets import (KNOWN_ARCHITECTURES, TargetPlan, linear_module_suffixes, plain_head,
-                                 resolve_targets, role_names)
+from lora_ablate.targets import (
+    KNOWN_ARCHITECTURES,
+    TargetPlan,
+    linear_module_suffixes,
+    plain_head,
+    resolve_targets,
+    role_names,
+)
 
 LAYERS = 2
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -96,7 +102,8 @@ def test_resolves_roles_and_peft_adapts_exactly_those(arch, roles):
     assert set(plan.role_of) == set(plan.module_names)
     assert plan.describe().startswith(f"{arch}: ") and f"({len(plan.module_names)} modules)" in plan.describe()
 
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=plan.target_modules, fan_in_fan_out=arch == "gpt2"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=plan.target_modules,
+                                                  fan_in_fan_out=arch == "gpt2"))
     assert lora_adapted(peft_model) == set(plan.module_names)
 
 

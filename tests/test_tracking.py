@@ -13,12 +13,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from lora_ablate.commands.export import export
-from lora_ablate.commands.study import open_ui
+from lora_ablate.commands.results import export
+from lora_ablate.commands.ui import open_ui
 from lora_ablate.context import build_context
 from lora_ablate.spaces import parse_space
 from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
-from lora_ablate.tracking import StudyInfo, TrialRecord, default_uri, make_tracker, redact, trial_params
+from lora_ablate.tracking import StudyInfo, TrialRecord, make_tracker, trial_params
+from lora_ablate.workspace import mlflow_uri, redact
 
 BASE = {
     "model": {"name": "tiny-llama"},
@@ -51,7 +52,7 @@ def rank_study(tmp_path_factory, ctx, experiment):
     ws = tmp_path_factory.mktemp("tracked") / "ws"
     exp = experiment(RANK3, ws, study={"seeds": 2})
     report = run_study(exp, RANK3, tracker=make_tracker(exp), context=ctx, progress=False)
-    return exp, report, MlflowClient(tracking_uri=default_uri(ws))
+    return exp, report, MlflowClient(tracking_uri=mlflow_uri(ws))
 
 
 def runs_of(client, name):
@@ -140,7 +141,7 @@ def test_step_metrics_are_buffered_and_all_written_when_the_run_ends(tmp_path):
     is there once the run ends, however it ends."""
     from lora_ablate import tracking
 
-    tracker = tracking.MlflowTracker(default_uri(tmp_path), tmp_path / "artifacts")
+    tracker = tracking.MlflowTracker(mlflow_uri(tmp_path), tmp_path / "artifacts")
     now = [100.0]
     tracker.clock = lambda: now[0]
     experiment_id = tracker.client.create_experiment("buffered")
@@ -180,8 +181,10 @@ def test_a_trial_config_artifact_keeps_no_store_password(make_exp, tmp_path):
 
     exp = make_exp(study={"storage": "postgresql://me:hunter2@db/optuna"},
                    tracking={"uri": "http://me:hunter2@mlflow:5000"})
-    tracker = tracking.MlflowTracker(default_uri(tmp_path), tmp_path / "artifacts")
-    run_id = tracker.client.create_run(tracker.client.create_experiment("secrets")).info.run_id
+    tracker = tracking.MlflowTracker(mlflow_uri(tmp_path), tmp_path / "artifacts")
+    # artifacts under tmp_path: without a location MLflow writes ./mlruns into the current directory
+    experiment_id = tracker.client.create_experiment("secrets", (tmp_path / "artifacts").as_uri())
+    run_id = tracker.client.create_run(experiment_id).info.run_id
     tracker.finish_trial(run_id, TrialRecord(0, {"r": 8, "seed": 0}, exp, state="COMPLETE"))
     config = Path(tracker.client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
     assert "hunter2" not in config
@@ -208,7 +211,7 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     budget_exp = experiment(BUDGET3, ws, eval={"generate": False, "base": False})
     budget = run_study(budget_exp, BUDGET3, tracker=make_tracker(budget_exp), context=ctx, progress=False)
     assert [o.state for o in budget.outcomes] == ["COMPLETE"] * 3
-    _, parents, trials = runs_of(MlflowClient(tracking_uri=default_uri(ws)), budget.name)
+    _, parents, trials = runs_of(MlflowClient(tracking_uri=mlflow_uri(ws)), budget.name)
     assert parents[0].data.tags["lora_ablate.axes"] == "targets"
     assert sorted((t.data.params["targets"], t.data.params["r"]) for t in trials) == [
         ("o", "4"), ("q", "4"), ("q,o", "2")]
@@ -228,7 +231,7 @@ def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx
     real = nan_rank(runner, 2)
     report = run_study(exp, space, tracker=make_tracker(exp), context=ctx, progress=False)
     assert [o.state for o in report.outcomes] == ["COMPLETE", "FAIL"]
-    client = MlflowClient(tracking_uri=default_uri(ws))
+    client = MlflowClient(tracking_uri=mlflow_uri(ws))
     failed = client.get_run(report.outcomes[1].run_id)
     assert failed.info.status == "FAILED" and failed.data.tags["lora_ablate.state"] == "FAIL"
     assert "nan" in failed.data.tags["lora_ablate.fail_reason"]
@@ -278,7 +281,7 @@ def test_ui_command_stops_its_server_on_sigterm(monkeypatch):
     import signal
     import types
 
-    from lora_ablate.commands import study as study_cmd
+    from lora_ablate.commands import ui as ui_cmd
 
     polls, stopped, seen = [], [], []
 
@@ -290,11 +293,11 @@ def test_ui_command_stops_its_server_on_sigterm(monkeypatch):
 
     server = types.SimpleNamespace(url="http://127.0.0.1:1", process=types.SimpleNamespace(poll=poll),
                                    stop=lambda: stopped.append(1))
-    monkeypatch.setattr(study_cmd, "open_ui", lambda *a: server)
-    monkeypatch.setattr(study_cmd.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ui_cmd, "open_ui", lambda *a: server)
+    monkeypatch.setattr(ui_cmd.time, "sleep", lambda s: None)
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(1))  # without the fix: survive, keep polling
     try:
-        assert study_cmd.cmd_ui(types.SimpleNamespace(workspace=Path("ws"), host="127.0.0.1", port=0)) == 0
+        assert ui_cmd.cmd_ui(types.SimpleNamespace(workspace=Path("ws"), host="127.0.0.1", port=0)) == 0
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped == [1] and len(polls) == 1 and not seen

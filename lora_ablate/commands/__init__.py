@@ -1,12 +1,12 @@
 """One module per CLI command; each exposes one typed function that the CLI calls.
 
-Modules that add sub-commands (study, export, ...) list a ``register(subparsers)`` function in
+Modules that add sub-commands (study, results, ...) list a ``register(subparsers)`` function in
 ``REGISTERED`` so that ``cli.py`` stays a thin parser.
 """
 
 import importlib
 
-REGISTERED: tuple[str, ...] = ("export", "study")
+REGISTERED: tuple[str, ...] = ("results", "study", "ui")
 
 
 def registry():

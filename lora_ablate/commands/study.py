@@ -1,4 +1,4 @@
-"""``study``, ``spaces``, ``status`` and ``ui``: ablation studies from the command line.
+"""``study``, ``spaces`` and ``status``: ablation studies from the command line.
 
 Every input check (space, config, objective, storage URL form) happens before the workspace is created,
 so a bad command line leaves nothing behind.
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_ablate.config import Experiment, StudyConfig, load_yaml, parse_override
 from lora_ablate.errors import UserError
+from lora_ablate.vocab import State, format_value
+from lora_ablate.workspace import ARTIFACTS, DEFAULT_WORKSPACE, MLFLOW_DB, OPTUNA_DB, mlflow_uri, optuna_db
 
 if TYPE_CHECKING:
     from lora_ablate.spaces import Space
@@ -84,7 +85,6 @@ def _sigterm_as_interrupt():
 
 def print_report(report: StudyReport, exp: Experiment) -> None:
     from lora_ablate.study import GRACE_S
-    from lora_ablate.tracking import default_uri
 
     ran = report.outcomes
     states = {}
@@ -98,20 +98,18 @@ def print_report(report: StudyReport, exp: Experiment) -> None:
         print(f"study {report.name}: nothing to run; in all {whole}")
     if report.remaining:
         print(f"  {report.remaining} trial(s) still to run: run the same command again to resume")
-    running = report.counts.get("RUNNING", 0)
+    running = report.counts.get(State.RUNNING, 0)
     if running:
         print(f"  {running} trial(s) RUNNING elsewhere; a dead worker's trials fail after {GRACE_S} s without "
               "heartbeat and are trained again by the next run")
     if report.best:
-        from lora_ablate.study.report import fmt_param
-
-        params = " ".join(f"{k}={fmt_param(v)}" for k, v in report.best["params"].items())
+        params = " ".join(f"{k}={format_value(v)}" for k, v in report.best["params"].items())
         print(f"  best: trial {report.best['number']} [{params}] {report.objective.name}={report.best['value']:.4f}")
     if report.objective.name in report.base:
         print(f"  base model: {report.objective.name}={report.base[report.objective.name]:.4f}")
     print(f"  optuna: {report.storage}   (optuna-dashboard {report.storage})")
     if exp.tracking.enabled:
-        uri = exp.tracking.uri or default_uri(exp.study.workspace)
+        uri = exp.tracking.uri or mlflow_uri(exp.study.workspace)
         hint = f"python -m lora_ablate ui --workspace {exp.study.workspace}" if not exp.tracking.uri else uri
         print(f"  mlflow: {uri}   ({hint})")
 
@@ -137,18 +135,17 @@ def list_spaces() -> list:
 def _storage_for_status(workspace: Path, storage: str | None) -> str:
     if storage:
         return storage
-    db = Path(workspace).resolve() / "optuna.db"
+    db = optuna_db(workspace)
     if not db.is_file():
         raise UserError(f"no Optuna storage at {str(db)!r}; run `python -m lora_ablate study` first, "
                         "or pass --workspace DIR / --storage URL")
     return f"sqlite:///{db}"
 
 
-def status(workspace: Path = Path(StudyConfig().workspace), storage: str | None = None,
+def status(workspace: Path = Path(DEFAULT_WORKSPACE), storage: str | None = None,
            study: str | None = None) -> list:
     """Print each study's trials: number, state, params, value (and why a trial failed)."""
     from lora_ablate.study import study_status
-    from lora_ablate.study.report import fmt_param
 
     studies = study_status(_storage_for_status(workspace, storage), study)
     if not studies:
@@ -164,21 +161,10 @@ def status(workspace: Path = Path(StudyConfig().workspace), storage: str | None 
         print(header)
         for t in s.trials:
             value = f"{t['value']:.4f}" if t["value"] is not None else "-"
-            cells = "".join(f"  {fmt_param(t['params'].get(n, '-')):>10}" for n in names)
+            cells = "".join(f"  {format_value(t['params'].get(n, '-')):>10}" for n in names)
             reason = f"  {t['reason']}" if t["reason"] else ""
             print(f"{t['number']:>6}  {t['state']:<9}{value:>10}{cells}{reason}")
     return studies
-
-
-def open_ui(workspace: Path = Path(StudyConfig().workspace), host: str = "127.0.0.1", port: int = 0):
-    """Start the MLflow UI on the workspace's store; returns the running server (``.url``, ``.stop()``)."""
-    from lora_ablate.tracking import default_uri, start_ui
-
-    db = Path(workspace).resolve() / "mlflow.db"
-    if not db.is_file():
-        raise UserError(f"no MLflow store at {str(db)!r}; run `python -m lora_ablate study` first, "
-                        "or pass the study's --workspace DIR")
-    return start_ui(default_uri(workspace), Path(workspace).resolve() / "artifacts", host, port)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -208,22 +194,8 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_ui(args) -> int:
-    server = open_ui(args.workspace, args.host, args.port)
-    print(f"MLflow UI: {server.url}   (Ctrl-C stops it)", flush=True)
-    try:
-        with _sigterm_as_interrupt():  # `kill` stops the server too, not only Ctrl-C
-            while server.process.poll() is None:
-                time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
-
-
 def register(sub) -> None:
-    default_ws = Path(StudyConfig().workspace)
+    default_ws = Path(DEFAULT_WORKSPACE)
     s = sub.add_parser("study", help="run or resume an ablation study (Optuna) and record it (MLflow)",
                        description="Run or resume the study of a search space. The same command again resumes "
                                    "it: finished trials are never trained again.")
@@ -232,9 +204,10 @@ def register(sub) -> None:
     s.add_argument("--seeds", type=int, help="repeat every configuration with N seeds (default 1)")
     s.add_argument("--n-trials", type=int, help="trials to run now (default: all the space still needs)")
     s.add_argument("--timeout", type=float, help="start no new trial after S seconds")
-    s.add_argument("--workspace", type=Path, help=f"folder of optuna.db, mlflow.db, artifacts/ (default {default_ws})")
-    s.add_argument("--storage", help="Optuna RDB URL instead of <workspace>/optuna.db")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI instead of <workspace>/mlflow.db")
+    s.add_argument("--workspace", type=Path,
+                   help=f"folder of {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/ (default {default_ws})")
+    s.add_argument("--storage", help=f"Optuna RDB URL instead of <workspace>/{OPTUNA_DB}")
+    s.add_argument("--tracking-uri", help=f"MLflow tracking URI instead of <workspace>/{MLFLOW_DB}")
     s.add_argument("--study-name", help="study name (default <space>-<model>)")
     s.add_argument("--objective", help="held-out metric to optimise, <set>/<metric> (default heldout_instances/nll)")
     s.add_argument("--pruner", help="prune on intermediate held-out loss: none, median, hyperband (needs eval.every)")
@@ -250,12 +223,5 @@ def register(sub) -> None:
     st = sub.add_parser("status", help="print each study's trials (state, params, value)")
     st.add_argument("--study", help="only this study")
     st.add_argument("--workspace", type=Path, default=default_ws, help=f"study workspace (default {default_ws})")
-    st.add_argument("--storage", help="Optuna RDB URL instead of <workspace>/optuna.db")
+    st.add_argument("--storage", help=f"Optuna RDB URL instead of <workspace>/{OPTUNA_DB}")
     st.set_defaults(fn=cmd_status)
-
-    u = sub.add_parser("ui", help="start the MLflow UI on a study workspace and print its URL")
-    u.add_argument("--workspace", type=Path, default=default_ws, help=f"study workspace (default {default_ws})")
-    u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    u.add_argument("--port", type=int, default=0, help="port (default: a free one)")
-    u.set_defaults(fn=cmd_ui)
-

@@ -1,5 +1,7 @@
-"""Publishable results from a tracked study: ``reader`` (MLflow -> trials frame), ``stats`` (seed
-intervals, paired bootstrap, importances), ``tables``, ``plots`` and ``report`` (one offline HTML).
+"""Publishable results from a tracked study: ``runs`` (the MLflow store, read only), ``tracked`` (the
+study model: trials frame, metrics, objective), ``axes`` (what to group by, bins of sampled axes),
+``selection`` (``compare``'s ``r=8,targets=qv``), ``stats`` (seed intervals, paired bootstrap,
+importances), ``tables``, ``plots`` and ``html_report`` (one offline HTML).
 
-Only ``reader`` touches MLflow; everything after it works on pandas frames and numpy arrays.
+Only ``runs`` touches MLflow; everything after it works on pandas frames and numpy arrays.
 """

@@ -14,9 +14,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lora_ablate.export.reader import Axis, Study, format_value
+from lora_ablate.export.axes import ResultAxis
 from lora_ablate.export.stats import param_importances, summarize
 from lora_ablate.export.tables import metric_label, stem
+from lora_ablate.export.tracked import Study
+from lora_ablate.vocab import format_value
 
 # 8 x 5 inches at 100 dpi: every PNG is 800 x 500 pixels, so a report's layout does not depend on data.
 SIZE_IN = (8.0, 5.0)
@@ -49,7 +51,7 @@ def save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> Plo
     return Plot(name, title, caption, png, svg)
 
 
-def _axis(study: Study, name: str) -> Axis | None:
+def _axis(study: Study, name: str) -> ResultAxis | None:
     return next((a for a in study.axes if a.name == name), None)
 
 
@@ -57,7 +59,7 @@ def _better(study: Study, metric: str) -> str:
     return "lower is better" if study.direction(metric) == "minimize" else "higher is better"
 
 
-def rank_plot(study: Study, metric: str, hue: Axis | None, out_dir: Path) -> Plot:
+def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) -> Plot:
     """Metric against rank on a log2 axis, one line per value of ``hue``, with 95% t-interval bands
     where a point has at least two trials."""
     frame = study.complete
@@ -183,7 +185,7 @@ def lr_plot(study: Study, metric: str, out_dir: Path) -> Plot:
 def config_labels(study: Study) -> dict[str, str]:
     """run_id -> configuration label (all axes, raw values), in axis order (r=4 before r=64)."""
     names = [a.name for a in study.axes]
-    keys = [Axis(n, ()).sort_key() for n in names]
+    keys = [ResultAxis(n, ()).sort_key() for n in names]
     frame = study.complete
     order = sorted(frame.index, key=lambda i: tuple(k(frame.at[i, n]) for k, n in zip(keys, names)))
     return {frame.at[i, "run_id"]: (", ".join(f"{n}={format_value(frame.at[i, n])}" for n in names)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from lora_ablate.export.reader import Axis, Study, format_value
+from lora_ablate.export.axes import ResultAxis
 from lora_ablate.export.stats import Summary, summarize
+from lora_ablate.export.tracked import Study
+from lora_ablate.vocab import State, format_value, state_word
 
 METRIC_WORDS = {"nll": "NLL", "ppl": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
-STATE_WORDS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "unfinished"}
 MAX_LISTED_EXCLUSIONS = 10
 
 
@@ -93,7 +94,7 @@ def summarize_groups(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> 
     return out
 
 
-def _sorted(groups, axes: list[Axis]):
+def _sorted(groups, axes: list[ResultAxis]):
     keys = [a.sort_key() for a in axes]
     return sorted(groups, key=lambda kr: tuple(k(v) for k, v in zip(keys, kr[0])))
 
@@ -101,17 +102,17 @@ def _sorted(groups, axes: list[Axis]):
 def exclusions(study: Study) -> str:
     """One footnote for every table: which trials are not in any mean, and why."""
     t = study.trials
-    bad = t[t["state"] != "COMPLETE"]
+    bad = t[t["state"] != State.COMPLETE]
     if bad.empty:
         return f"All {len(t)} trials completed; n counts the complete trials in each cell."
-    counts = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in bad["state"].value_counts().items())
+    counts = ", ".join(f"{n} {state_word(s)}" for s, n in bad["state"].value_counts().items())
     names = [a.name for a in study.axes] + (["seed"] if "seed" in t else [])
     listed = []
     for _, r in bad.head(MAX_LISTED_EXCLUSIONS).iterrows():
         desc = ", ".join(f"{k}={format_value(r[k])}" for k in names if k in r and not pd.isna(r[k]))
         reason = f": {r['fail_reason']}" if r.get("fail_reason") else ""
         number = "?" if pd.isna(r["trial_number"]) else int(r["trial_number"])
-        listed.append(f"trial {number} ({STATE_WORDS.get(r['state'], r['state'])}; {desc}{reason})")
+        listed.append(f"trial {number} ({state_word(r['state'])}; {desc}{reason})")
     more = f"; and {len(bad) - MAX_LISTED_EXCLUSIONS} more" if len(bad) > MAX_LISTED_EXCLUSIONS else ""
     return (f"n counts the complete trials in each cell. Excluded from every mean: {counts} of {len(t)} "
             f"trials — {'; '.join(listed)}{more}.")
@@ -124,7 +125,7 @@ def _legend(study: Study, metrics: list[str]) -> str:
             f"its value only. Bold: best mean per column ({dirs}).")
 
 
-def group_table(study: Study, frame: pd.DataFrame, axes: list[Axis], metrics: list[str], name: str,
+def group_table(study: Study, frame: pd.DataFrame, axes: list[ResultAxis], metrics: list[str], name: str,
                 title: str, caption: str) -> Table:
     groups = _sorted(summarize_groups(frame, [a.column for a in axes], metrics), axes)
     header = [a.label for a in axes] + ["n", "trainable params", "wall s (mean)"] + [metric_label(m) for m in metrics]
@@ -168,21 +169,21 @@ def axis_tables(study: Study, metrics: list[str]) -> list[Table]:
 
 def config_table(study: Study, metrics: list[str]) -> Table:
     # raw values, not bins: a configuration is what was trained
-    axes = [Axis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
     caption = ("Every configuration (all axes fixed) over its seeds." if axes
                else "The study has a single configuration; the row is over its seeds.")
     return group_table(study, study.complete, axes, metrics, "configurations",
                        f"{study.name}: configurations", caption)
 
 
-def crossed(frame: pd.DataFrame, a: Axis, b: Axis) -> bool:
+def crossed(frame: pd.DataFrame, a: ResultAxis, b: ResultAxis) -> bool:
     """Two axes were crossed when they co-occur in more combinations than either has values; nested
     or confounded axes (each value of one with a single value of the other) are not pivoted."""
     combos = frame[[a.column, b.column]].drop_duplicates()
     return len(combos) > max(frame[a.column].nunique(), frame[b.column].nunique())
 
 
-def pivot_table(study: Study, rows: Axis, cols: Axis, metric: str) -> Table:
+def pivot_table(study: Study, rows: ResultAxis, cols: ResultAxis, metric: str) -> Table:
     frame = study.complete
     others = [a.label for a in study.axes if a not in (rows, cols)]
     by = dict(summarize_groups(frame, [rows.column, cols.column], [metric]))

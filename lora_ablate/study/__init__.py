@@ -28,16 +28,25 @@ The package, one module a part:
   ``heartbeat``  heartbeats of the trials in flight; stale trials of dead workers failed and queued again
   ``trials``     one trial between ask and tell: params, config key, tracking and pruning hooks
   ``runner``     the ask/tell loop: packs, refilled slots, each trial told as it finishes
-  ``report``     outcomes, the invocation's report, the printed progress and the parent run's summary
+  ``outcomes``   outcomes, the invocation's report, the printed progress and the parent run's summary
   ``status``     every study in a storage with its trials (``status``)
 """
 
 from lora_ablate.study.heartbeat import GRACE_S, HEARTBEAT_S, STALE_RETRIES
-from lora_ablate.study.report import StudyReport, TrialOutcome
+from lora_ablate.study.outcomes import StudyReport, TrialOutcome
 from lora_ablate.study.runner import StudyRunner, run_study
 from lora_ablate.study.schedule import Plan, plan
-from lora_ablate.study.settings import (METRIC_DIRECTIONS, Objective, base_config, check_study, eval_set_name,
-                                        objective_of, seeds_of, storage_url, study_name)
+from lora_ablate.study.settings import (
+                                        METRIC_DIRECTIONS,
+                                        Objective,
+                                        base_config,
+                                        check_study,
+                                        eval_set_name,
+                                        objective_of,
+                                        seeds_of,
+                                        storage_url,
+                                        study_name,
+)
 from lora_ablate.study.status import StudyStatus, study_status
 from lora_ablate.study.storage import open_storage
 from lora_ablate.study.trials import config_key

@@ -23,13 +23,13 @@ from lora_ablate.engine import TrialResult, TrialSpec, train_trials
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space, params_per_rank
 from lora_ablate.study import heartbeat
-from lora_ablate.study.report import (Progress, StudyReport, TrialOutcome, best_trial, best_value,
-                                      study_summary)
+from lora_ablate.study.outcomes import Progress, StudyReport, TrialOutcome, best_trial, best_value, study_summary
 from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
 from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
-from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord, redact
+from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord
+from lora_ablate.workspace import redact
 
 INTERRUPTED = "interrupted (the trial is trained again on resume)"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError, choices
 from lora_ablate.spaces import Space
+from lora_ablate.vocab import METRIC_DIRECTIONS, SEED_KEY
+from lora_ablate.workspace import optuna_url
 
-METRIC_DIRECTIONS = {"nll": "minimize", "ppl": "minimize", "exact_match": "maximize", "rouge_l": "maximize"}
 GENERATED = ("exact_match", "rouge_l")
 
 
@@ -68,7 +69,7 @@ def study_name(exp: Experiment, space: Space) -> str:
 
 
 def storage_url(exp: Experiment) -> str:
-    return exp.study.storage or f"sqlite:///{Path(exp.study.workspace).resolve() / 'optuna.db'}"
+    return exp.study.storage or optuna_url(exp.study.workspace)
 
 
 def seeds_of(exp: Experiment) -> list[int]:
@@ -77,6 +78,6 @@ def seeds_of(exp: Experiment) -> list[int]:
 
 def base_config(exp: Experiment, space: Space) -> dict:
     """The settings every trial of the study shares: resuming with different ones would mix two studies."""
-    varied = {a.key for a in space.axes} | {"train.seed"} | ({"lora.r"} if space.budget else set())
+    varied = {a.key for a in space.axes} | {SEED_KEY} | ({"lora.r"} if space.budget else set())
     return {k: v for k, v in exp.flat().items()
             if k not in varied and k != "eval.base" and not k.startswith(("study.", "tracking."))}

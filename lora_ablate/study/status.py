@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lora_ablate.errors import UserError, choices
 from lora_ablate.study.schedule import params_of
 from lora_ablate.study.storage import open_storage, quiet_optuna
-from lora_ablate.tracking import redact
+from lora_ablate.workspace import redact
 
 
 @dataclass

@@ -12,7 +12,7 @@ from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space
 from lora_ablate.study import heartbeat
 from lora_ablate.study.settings import Objective, base_config, storage_url, study_name
-from lora_ablate.tracking import redact
+from lora_ablate.workspace import optuna_db, redact
 
 
 def quiet_optuna() -> None:
@@ -60,7 +60,7 @@ def study_exists(exp: Experiment, space: Space) -> bool:
     """Whether the storage already holds this run's study; creates no study (nor a workspace that is not there)."""
     import optuna
 
-    if not exp.study.storage and not (Path(exp.study.workspace) / "optuna.db").exists():
+    if not exp.study.storage and not optuna_db(exp.study.workspace).exists():
         return False
     return study_name(exp, space) in optuna.study.get_all_study_names(open_storage(storage_url(exp)))
 

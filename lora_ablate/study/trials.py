@@ -4,7 +4,6 @@ pruner."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,9 @@ from pathlib import Path
 from lora_ablate.config import Experiment
 from lora_ablate.engine import TrialHooks, TrialPruned, TrialSpec
 from lora_ablate.spaces import Space
-from lora_ablate.study.schedule import key_of
 from lora_ablate.study.settings import Objective
 from lora_ablate.tracking import Tracker, TrialRecord
+from lora_ablate.vocab import SEED_KEY, config_hash
 
 
 @dataclass
@@ -43,8 +42,8 @@ def suggest(trial, space: Space, seeds: list[int]) -> dict:
 def config_key(trial_exp: Experiment) -> str:
     """Hash of the trial's resolved settings without its seed: the seeds of one configuration share it."""
     flat = {k: v for k, v in trial_exp.flat().items()
-            if k != "train.seed" and not k.startswith(("study.", "tracking."))}
-    return hashlib.sha256(key_of(flat).encode()).hexdigest()[:12]
+            if k != SEED_KEY and not k.startswith(("study.", "tracking."))}
+    return config_hash(flat)
 
 
 def adapter_dir(staging: Path | None) -> Path | None:

@@ -10,8 +10,9 @@ import base64
 import html
 
 from lora_ablate.export.plots import Plot
-from lora_ablate.export.reader import Study
-from lora_ablate.export.tables import STATE_WORDS, Table, to_html
+from lora_ablate.export.tables import Table, to_html
+from lora_ablate.export.tracked import Study
+from lora_ablate.vocab import state_word
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
@@ -41,7 +42,7 @@ def render_report(study: Study, tables: list[Table], plots: list[Plot], notes: l
     counts = study.counts()
     meta = [("tracking", study.display_uri), ("objective", f"{study.objective} ({study.direction()})"),
             ("axes", ", ".join(a.label for a in study.axes) or "(single configuration)"),
-            ("trials", ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in sorted(counts.items())))]
+            ("trials", ", ".join(f"{n} {state_word(s)}" for s, n in sorted(counts.items())))]
     meta += [(k, study.tags[f"lora_ablate.{k}"]) for k in META_TAGS if study.tags.get(f"lora_ablate.{k}")]
     dl = "\n".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in meta)
     toc = "\n".join(f'<li><a href="#{html.escape(x.name)}">{html.escape(x.title)}</a></li>'

@@ -34,9 +34,9 @@ def evaluate_adapter(adapter: Path, config: Path | None = None, overrides: list[
     ctx = build_context(exp, with_train=False)  # the training file may be long gone
     model = PeftModel.from_pretrained(ctx.base.model, str(adapter_dir))
     report = ctx.evaluator.run(model, ctx.base.device)
-    from lora_ablate.commands.train import print_metrics
-
     from peft.tuners.lora import LoraLayer
+
+    from lora_ablate.commands.train import print_metrics
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     scales = {m.scaling["default"] for m in layers.values()}

@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 
 from lora_ablate.engine import TrialResult
 from lora_ablate.study.settings import Objective
-
-STATES = ("COMPLETE", "FAIL", "PRUNED")  # what a trial of this invocation ends as
+from lora_ablate.vocab import FINAL_STATES, State, format_value
 
 
 @dataclass
 class TrialOutcome:
     number: int
     params: dict
-    state: str  # COMPLETE, FAIL, PRUNED
+    state: str  # one of FINAL_STATES
     value: float | None = None
     reason: str = ""
     seconds: float = 0.0
@@ -53,22 +52,16 @@ def best_trial(study) -> dict | None:
 def study_summary(study) -> dict[str, float]:
     """The parent run's closing metrics: trials per final state over the whole study, and the best value."""
     trials = study.get_trials(deepcopy=False)
-    summary = {f"trials/{s.lower()}": float(sum(t.state.name == s for t in trials)) for s in STATES}
+    summary = {f"trials/{s.lower()}": float(sum(t.state.name == s for t in trials)) for s in FINAL_STATES}
     best = best_value(study)
     if best is not None:
         summary["best/value"] = best
     return summary
 
 
-def fmt_param(v) -> str:
-    """A parameter value as people read it: sampled floats to 4 significant digits, what export prints and
-    ``compare --a/--b`` accepts back."""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def describe(o: TrialOutcome, objective: Objective) -> str:
-    params = " ".join(f"{k}={fmt_param(v)}" for k, v in o.params.items())
-    if o.state == "COMPLETE":
+    params = " ".join(f"{k}={format_value(v)}" for k, v in o.params.items())
+    if o.state == State.COMPLETE:
         what = f"{objective.name}={o.value:.4f}"
     else:
         what = f"{o.state}: {o.reason}"

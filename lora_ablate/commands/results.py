@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_ablate.errors import UserError, choices
+from lora_ablate.vocab import format_value, state_word
+from lora_ablate.workspace import DEFAULT_WORKSPACE, MLFLOW_DB
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,14 +55,14 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
     """Write tables (``--format``), figures (always, PNG and SVG) and ``summary.json`` into ``out``,
     atomically: ``out`` appears only when everything was written."""
     from lora_ablate.export.plots import render_plots
-    from lora_ablate.export.reader import open_study
-    from lora_ablate.export.tables import STATE_WORDS, build_tables
+    from lora_ablate.export.tables import build_tables
+    from lora_ablate.export.tracked import open_study
     from lora_ablate.rundir import RunDir
 
     fmts = parse_formats(formats)
     study = open_study(study_name, workspace, tracking_uri)
     if study.complete.empty:
-        counts = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in study.counts().items())
+        counts = ", ".join(f"{n} {state_word(s)}" for s, n in study.counts().items())
         raise UserError(f"study {study_name!r} has no complete trial ({counts}); nothing to export")
     chosen = ([study.resolve_metric(m.strip()) for m in metrics.split(",") if m.strip()] if metrics
               else default_metrics(study))
@@ -88,7 +90,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
 def write_formats(root: Path, fmts: list[str], study, tables, plots, notes: list[str]) -> None:
     """md: report.md (tables, figure links, notes); csv: csv/<table>.csv and csv/trials.csv (every
     trial, failed ones too); tex: tex/<table>.tex and tables.tex (a whole document); html: report.html."""
-    from lora_ablate.export.report import render_report
+    from lora_ablate.export.html_report import render_report
     from lora_ablate.export.tables import latex_document, to_csv, to_latex, to_markdown
 
     if "md" in fmts:
@@ -165,7 +167,6 @@ def pair_scores(scores_a: pd.DataFrame, scores_b: pd.DataFrame, set_name: str, m
 
 def _labels(cfg_a: dict, cfg_b: dict) -> tuple[str, str]:
     """``r=64 (targets=q,v)``: what differs first, what is shared in parentheses."""
-    from lora_ablate.export.reader import format_value
 
     def label(cfg):
         diff = [f"{k}={format_value(v)}" for k, v in cfg.items() if cfg_a.get(k) != cfg_b.get(k)]
@@ -175,7 +176,7 @@ def _labels(cfg_a: dict, cfg_b: dict) -> tuple[str, str]:
 
 
 def _configuration(study, selection: str, what: str) -> tuple[pd.DataFrame, dict]:
-    from lora_ablate.export.reader import format_value, parse_selection, select
+    from lora_ablate.export.selection import parse_selection, select
 
     hit = select(study.complete, parse_selection(selection), what)
     names = [a.name for a in study.axes]
@@ -199,9 +200,9 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
             confidence: float = 0.95) -> Comparison:
     """Difference ``b - a`` of a held-out metric with a paired bootstrap CI and p-value, over the
     per-example scores of both configurations' seeds; printed as one plain sentence."""
-    from lora_ablate.export.reader import open_study
     from lora_ablate.export.stats import paired_bootstrap
     from lora_ablate.export.tables import METRIC_WORDS
+    from lora_ablate.export.tracked import open_study
 
     if n_boot < 100:
         raise UserError(f"--n-boot {n_boot} is too few for a 95% interval; use at least 100 (default 10000)")
@@ -261,7 +262,8 @@ def cmd_compare(args) -> int:
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workspace", type=Path, help="workspace folder holding mlflow.db (default ./lora_ablate_runs)")
+    where.add_argument("--workspace", type=Path,
+                       help=f"workspace folder holding {MLFLOW_DB} (default ./{DEFAULT_WORKSPACE})")
     where.add_argument("--tracking-uri", help="any MLflow tracking URI (e.g. a shared server) instead of the workspace")
 
 
