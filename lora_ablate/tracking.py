@@ -31,8 +31,8 @@ from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
-    from lora_ablate.engine import TrialResult
     from lora_ablate.evaluation import EvalReport
+    from lora_ablate.trial import TrialResult
 
 TAG = "lora_ablate."
 # MLflow run status per trial state (a pruned trial was stopped on purpose: KILLED)
