@@ -34,10 +34,11 @@ import torch
 
 from lora_ablate.config import LoraConfig, ModelConfig, TrainConfig
 from lora_ablate.data import Encoded, load_examples
-from lora_ablate.engine import TrialHooks, TrialSpec, peft_config, train_trials
 from lora_ablate.models import load_base
 from lora_ablate.packed import auto_pack_size, train_packed
+from lora_ablate.reference import ReferenceTrainer
 from lora_ablate.targets import resolve_targets
+from lora_ablate.trial import TrialHooks, TrialSpec, peft_config
 
 SEEDS = (0, 1, 2)  # the default rank study: the rank space's 7 ranks x 3 seeds, 300 steps each
 STUDY_STEPS = 300
@@ -407,8 +408,8 @@ def _throughput(report: Report, setup: Setup, parts: set[str]) -> None:
     if "baseline" in parts:
         attempt(report, "hf_trainer_peft", lambda: hf_trainer_baseline(base, data, setup))
     if "single" in parts:
-        attempt(report, "single_trial", lambda: measure(
-            "single_trial", setup, lambda clock: train_trials(base, [spec], data, None, clock, progress=False), 1))
+        single = lambda clock: ReferenceTrainer(base, data, None, clock, progress=False).train([spec])  # noqa: E731
+        attempt(report, "single_trial", lambda: measure("single_trial", setup, single, 1))
     if "packed" in parts:
         for k in setup.packs:
             attempt(report, f"packed_k{k}", lambda k=k: pack_row(f"packed_k{k}", base, data, setup, k))

@@ -265,7 +265,7 @@ class Encoded:
 
     @functools.cached_property
     def label_counts(self) -> list[int]:
-        """Label tokens after the next-token shift per example (see ``engine.label_tokens``)."""
+        """Label tokens after the next-token shift per example (see ``trial.label_tokens``)."""
         return [sum(1 for t in labels[1:] if t != IGNORE) for labels in self.labels]
 
     def batch(self, idx, pad_id: int, device=None) -> dict[str, torch.Tensor]:

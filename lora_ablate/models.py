@@ -1,7 +1,7 @@
 """Loading the frozen base model and its tokenizer: the embedded GGUF default, tiny-llama, HF dirs, hub ids.
 
 The base is loaded once per worker, frozen, and never mutated between trials: each trial's adapter is
-injected, trained, saved and unloaded again (see ``engine``).
+injected, trained, saved and unloaded again (see ``reference``).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from lora_ablate.vocab import State
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
-    from lora_ablate.engine import TrialResult
     from lora_ablate.evaluation import EvalReport
+    from lora_ablate.trial import TrialResult
 
 TAG = "lora_ablate."
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call

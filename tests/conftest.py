@@ -146,14 +146,15 @@ def evaluator(_tiny_base, make_exp):
 def run_trial(tiny_base, train_data, evaluator, make_exp):
     """``run_trial(lora={...}, train={...}, adapter_dir=None, evaluator=<default>|None, hooks=None)``
     -> TrialResult of one trial on the shared tiny base."""
-    from lora_ablate.engine import TrialSpec, train_trials
+    from lora_ablate.trainers import make_trainer
+    from lora_ablate.trial import TrialSpec
 
     default_evaluator = evaluator
 
     def run(lora=None, train=None, adapter_dir=None, evaluator=default_evaluator, hooks=None, data=None):
         exp = make_exp(lora=lora or {}, train=train or {})
         spec = TrialSpec(exp.lora, exp.train, name="test", adapter_dir=adapter_dir)
-        return train_trials(tiny_base, [spec], data or train_data, evaluator, hooks=hooks, progress=False)[0]
+        return make_trainer(tiny_base, data or train_data, evaluator, hooks, progress=False).train([spec])[0]
 
     return run
 
@@ -199,9 +200,10 @@ def study_exp():
 
 @pytest.fixture
 def nan_rank(monkeypatch):
-    """``nan_rank(module, r)``: the trials of rank ``r`` that ``module.train_trials`` trains (one at a time,
-    on the single path) get a NaN training loss from now on; returns the unpoisoned ``train_trials``."""
-    from lora_ablate import engine
+    """``nan_rank(module, r)``: the trials of rank ``r`` that ``module.train_one`` trains (``module`` is
+    ``lora_ablate.reference``, the single path) get a NaN training loss from now on; returns the unpoisoned
+    ``train_one``."""
+    from lora_ablate import reference
     from lora_ablate.evaluation import token_nll
 
     def nan_loss(logits, labels):
@@ -209,15 +211,15 @@ def nan_rank(monkeypatch):
         return nll * float("nan"), mask
 
     def poison(module, r: int):
-        real = module.train_trials
+        real = module.train_one
 
-        def poisoned(base, specs, *args, **kwargs):
+        def poisoned(base, spec, *args, **kwargs):
             with monkeypatch.context() as m:
-                if specs[0].lora.r == r:
-                    m.setattr(engine, "token_nll", nan_loss)
-                return real(base, specs, *args, **kwargs)
+                if spec.lora.r == r:
+                    m.setattr(reference, "token_nll", nan_loss)
+                return real(base, spec, *args, **kwargs)
 
-        monkeypatch.setattr(module, "train_trials", poisoned)
+        monkeypatch.setattr(module, "train_one", poisoned)
         return real
 
     return poison

@@ -86,8 +86,9 @@ def test_default_model_trial_and_stock_peft_reload(smollm, tmp_path):
     from peft import PeftModel
 
     from lora_ablate.data import encode_all
-    from lora_ablate.engine import TrialSpec, train_trials
     from lora_ablate.evaluation import Evaluator
+    from lora_ablate.trainers import make_trainer
+    from lora_ablate.trial import TrialSpec
 
     exp = build_experiment({**SMALL, "model": {"name": DEFAULT_MODEL, "device": "cpu"}})
     data = encode_all(load_train(exp.data), smollm.tokenizer, exp.data.template, exp.data.max_length)
@@ -96,7 +97,7 @@ def test_default_model_trial_and_stock_peft_reload(smollm, tmp_path):
     before = {k: v.clone() for k, v in smollm.model.state_dict().items()}
 
     spec = TrialSpec(exp.lora, exp.train, name="slow", adapter_dir=tmp_path / "adapter")
-    result = train_trials(smollm, [spec], data, ev, progress=False)[0]
+    result = make_trainer(smollm, data, ev, progress=False).train([spec])[0]
     assert result.status == "ok", result.error
     assert len(result.history) == 3 and all(math.isfinite(h["loss"]) for h in result.history)
     assert "q->q_proj" in result.targets and "(120 modules)" in result.targets

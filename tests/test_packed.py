@@ -1,7 +1,7 @@
-"""Packed trials (lora_ablate.packed) against the single-trial reference path (engine.train_one).
+"""Packed trials (lora_ablate.packed) against the single-trial reference path (reference.train_one).
 
-CPU, fp32, tiny-llama. The reference for every packed trial is the same spec trained alone by
-``train_trials``; packed results must agree to 1e-4 relative (in practice they agree to ~1e-8).
+CPU, fp32, tiny-llama. The reference for every packed trial is the same spec trained alone by the
+``ReferenceTrainer``; packed results must agree to 1e-4 relative (in practice they agree to ~1e-8).
 """
 
 import dataclasses
@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from lora_ablate import packed
 from lora_ablate.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
 from lora_ablate.data import encode_all, load_eval_set, load_examples
-from lora_ablate.engine import TrialHooks, TrialPruned, TrialSpec, train_trials
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
-from lora_ablate.packed import _join, _Pack, auto_pack_size, fit_pack, initial_A, train_packed
+from lora_ablate.packed import Pack, PackedTrainer, auto_pack_size, fit_pack, initial_A, train_packed
+from lora_ablate.reference import ReferenceTrainer
 from lora_ablate.targets import resolve_targets
 from lora_ablate.tiny import tiny_llama
+from lora_ablate.trial import TrialHooks, TrialPruned, TrialSpec
 
 REL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def assert_same_trial(ref, got, rel=REL):
 @pytest.fixture(scope="module")
 def references(base, padded, evaluator):
     """Each MIXED trial alone on the single path (computed once for the module)."""
-    return {s.name: train_trials(base, [s], padded, evaluator, progress=False)[0] for s in MIXED}
+    return {s.name: r for s, r in zip(MIXED, ReferenceTrainer(base, padded, evaluator, progress=False).train(MIXED))}
 
 
 # ----------------------------------------------------------------------------------------- init
@@ -212,13 +213,14 @@ def test_head_nll_equals_cross_entropy_over_full_logits(monkeypatch, dtype):
 
 def test_one_trial_is_bit_identical_to_single_path(base, unpadded, tmp_path):
     """K = 1 (the fast single trial) reproduces train_one to the bit on unpadded batches, gradient
-    accumulation, weight decay, clipping and dropout included, through train_trials(packed=True)."""
+    accumulation, weight decay, clipping and dropout included, through the packed Trainer."""
+    single = ReferenceTrainer(base, unpadded, None, progress=False)
+    packed_one = PackedTrainer(base, unpadded, None, progress=False)
     for s in [spec("a", r=4, targets=("q", "k", "v", "o"), lr=3e-3, seed=5, grad_accum=2, weight_decay=0.05),
               spec("b", r=8, alpha_rule="free", alpha=16, targets=("v", "mlp"), dropout=0.1, lr=1e-3, seed=6)]:
         ref_dir, got_dir = tmp_path / f"ref_{s.name}", tmp_path / f"got_{s.name}"
-        ref = train_trials(base, [dataclasses.replace(s, adapter_dir=ref_dir)], unpadded, None, progress=False)[0]
-        got = train_trials(base, [dataclasses.replace(s, adapter_dir=got_dir)], unpadded, None, progress=False,
-                           packed=True)[0]
+        ref = single.train([dataclasses.replace(s, adapter_dir=ref_dir)])[0]
+        got = packed_one.train([dataclasses.replace(s, adapter_dir=got_dir)])[0]
         assert [h["loss"] for h in got.history] == [h["loss"] for h in ref.history]
         a, b = load_file(ref_dir / "adapter_model.safetensors"), load_file(got_dir / "adapter_model.safetensors")
         assert sorted(a) == sorted(b)
@@ -232,10 +234,10 @@ def test_export_loads_in_stock_peft_and_padding_stays_zero(base, padded, tmp_pat
     """Each trial's exported adapter, loaded by PeftModel.from_pretrained, gives the logits the pack gives
     for that trial; rank padding and non-targeted modules stay exactly zero through training."""
     specs = MIXED[:3]
-    pack = _Pack(base, padded, None, False)
+    pack = Pack(base, padded, None, False)
     tree = module_tree(base.model)
     try:
-        slots = [_join(s, pack, [], None) for s in specs]
+        slots = [pack.new_slot(pack.new_result(s)) for s in specs]
         pack.model.train()
         pack.relayout(slots)
         for _ in range(3):
@@ -275,14 +277,14 @@ def test_export_loads_in_stock_peft_and_padding_stays_zero(base, padded, tmp_pat
 def test_optimizer_and_clipping_match_torch(base, padded, k):
     """The pack's per-trial clipping + AdamW + schedule against clip_grad_norm_ + torch.optim.AdamW +
     LambdaLR on each trial's own parameters, fed the same random gradients (K = 1: to the bit)."""
-    from lora_ablate.engine import lr_lambda
+    from lora_ablate.trial import lr_lambda
 
     specs = [spec("x", r=4, targets=("q", "v"), lr=3e-2, weight_decay=0.1, max_grad_norm=0.5, seed=1),
              spec("y", r=2, targets=("q", "k", "v", "o"), lr=1e-2, schedule="linear", max_grad_norm=0, seed=2),
              spec("z", r=8, targets=("o",), lr=5e-2, schedule="constant", max_grad_norm=2.0, seed=3)][:k]
-    pack = _Pack(base, padded, None, False)
+    pack = Pack(base, padded, None, False)
     try:
-        slots = [_join(s, pack, [], None) for s in specs]
+        slots = [pack.new_slot(pack.new_result(s)) for s in specs]
         pack.relayout(slots)
         refs = []
         for s in slots:
@@ -300,10 +302,7 @@ def test_optimizer_and_clipping_match_torch(base, padded, k):
                     torch.nn.utils.clip_grad_norm_(params, s.train.max_grad_norm)
                 opt.step()
                 sched.step()
-            pack._clip()
-            pack._adamw()
-            pack.grads.zero_()
-            pack.j += 1
+            pack.optimizer_step()
         for s, (params, _, _) in zip(slots, refs):
             ours = [p for ab in pack.slot_weights(s).values() for p in ab]
             for mine, theirs in zip(ours, params):
@@ -333,7 +332,7 @@ def test_failed_and_pruned_trials_leave_and_free_slots_are_refilled(base, padded
                                                                    monkeypatch):
     """A trial whose weights turn NaN fails, a pruned one stops, a new trial takes a freed slot; the others
     (and the newcomer) still match their single-path references."""
-    step = _Pack.step
+    step = Pack.step
 
     def step_then_poison(pack):  # divergence on demand: the tiny model's RMSNorms absorb any learning rate
         step(pack)
@@ -342,7 +341,7 @@ def test_failed_and_pruned_trials_leave_and_free_slots_are_refilled(base, padded
                 for a, _ in pack.slot_weights(s).values():
                     a.fill_(float("nan"))
 
-    monkeypatch.setattr(_Pack, "step", step_then_poison)
+    monkeypatch.setattr(Pack, "step", step_then_poison)
     diverging = spec("diverges", r=4, targets=("q", "v"), seed=9, log_every=1)
     pruned = dataclasses.replace(MIXED[0], name="pruned")
     queue = [MIXED[3]]

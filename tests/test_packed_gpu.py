@@ -12,7 +12,7 @@ from lora_ablate.data import encode_all, load_eval_set, load_examples
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed import train_packed
-from lora_ablate.packed import pack as pack_module
+from lora_ablate.packed.graphs import StepGraphs
 from lora_ablate.tiny import tiny_llama
 from tests.test_packed import assert_same_trial, spec
 
@@ -55,14 +55,14 @@ def evaluator(base):
 def replays(monkeypatch):
     """How many steps ran as graph replays."""
     count = []
-    real = pack_module._Pack._replay
+    real = StepGraphs.replay
 
-    def counted(self):
-        ran = real(self)
+    def counted(self, key, capture):
+        ran = real(self, key, capture)
         count.append(ran)
         return ran
 
-    monkeypatch.setattr(pack_module._Pack, "_replay", counted)
+    monkeypatch.setattr(StepGraphs, "replay", counted)
     return count
 
 

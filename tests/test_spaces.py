@@ -169,8 +169,8 @@ def test_params_per_rank_is_the_lora_parameter_count(fresh_tiny):
     import peft
 
     from lora_ablate.config import LoraConfig
-    from lora_ablate.engine import peft_config
     from lora_ablate.targets import resolve_targets
+    from lora_ablate.trial import peft_config
 
     model = fresh_tiny()
     for roles in (("q",), ("k",), ("q", "k", "v", "o")):

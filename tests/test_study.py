@@ -14,13 +14,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from lora_ablate import reference
 from lora_ablate import study as study_mod
 from lora_ablate.cli import main
 from lora_ablate.context import build_context
 from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.spaces import parse_space
-from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
+from lora_ablate.study import heartbeat, open_storage, run_study, storage_url, study_name
 from lora_ablate.tracking import make_tracker
 from lora_ablate.vocab import RUN_STATUS
 from lora_ablate.workspace import mlflow_uri
@@ -49,15 +50,15 @@ def ctx(tmp_path_factory, experiment):
 
 @pytest.fixture
 def trained(monkeypatch):
-    """The TrialSpecs handed to the engine, in order: what the study actually trained."""
+    """The TrialSpecs the reference trainer trained, in order: what the study actually trained."""
     seen = []
-    real = runner.train_trials
+    real = reference.train_one
 
-    def counting(base, specs, *args, **kwargs):
-        seen.extend(specs)
-        return real(base, specs, *args, **kwargs)
+    def counting(base, spec, *args, **kwargs):
+        seen.append(spec)
+        return real(base, spec, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_trials", counting)
+    monkeypatch.setattr(reference, "train_one", counting)
     return seen
 
 
@@ -108,14 +109,14 @@ def test_more_seeds_later_trains_only_the_new_seed(tmp_path, ctx, trained, exper
 
 def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, ctx, trained, monkeypatch, experiment):
     exp = experiment(RANK3, tmp_path, study={"seeds": 2})
-    counting = runner.train_trials
+    counting = reference.train_one
 
-    def interrupted(base, specs, *args, **kwargs):
+    def interrupted(base, spec, *args, **kwargs):
         if len(trained) == 2:
             raise KeyboardInterrupt  # Ctrl-C during the third trial
-        return counting(base, specs, *args, **kwargs)
+        return counting(base, spec, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_trials", interrupted)
+    monkeypatch.setattr(reference, "train_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(exp, RANK3, ctx)
     first = cells(trained)
@@ -124,7 +125,7 @@ def test_interrupt_after_two_trials_then_resume_trains_only_the_rest(tmp_path, c
     failed = next(t for t in trials_of(exp, RANK3) if t.state.name == "FAIL")
     assert "interrupted" in failed.user_attrs["fail_reason"]
 
-    monkeypatch.setattr(runner, "train_trials", counting)
+    monkeypatch.setattr(reference, "train_one", counting)
     trained.clear()
     report = run(exp, RANK3, ctx)
     assert len(trained) == 4 and not set(cells(trained)) & set(first)
@@ -159,7 +160,7 @@ def test_stale_trial_of_a_dead_worker_is_failed_and_trained_again(tmp_path, ctx,
 
 def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, trained, monkeypatch, nan_rank,
                                                             experiment):
-    counting = nan_rank(runner, 2)
+    counting = nan_rank(reference, 2)
     exp = experiment(RANK3, tmp_path)
     report = run(exp, RANK3, ctx)
     states = {o.params["r"]: o.state for o in report.outcomes}
@@ -175,20 +176,20 @@ def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, ctx, train
     final = run(experiment(RANK3, tmp_path, study={"retry_failed": False}), RANK3, ctx)
     assert trained == [] and final.remaining == 0
     # by default the failed cell is trained again on resume (and succeeds without the poison)
-    monkeypatch.setattr(runner, "train_trials", counting)
+    monkeypatch.setattr(reference, "train_one", counting)
     retried = run(exp, RANK3, ctx)
     assert cells(trained) == [(2, 0)] and [o.state for o in retried.outcomes] == ["COMPLETE"]
 
 
 def test_an_exception_in_a_trial_fails_it_and_the_study_goes_on(tmp_path, ctx, monkeypatch, experiment):
-    real = runner.train_trials
+    real = reference.train_one
 
-    def broken(base, specs, *args, **kwargs):
-        if specs[0].lora.r == 4:
+    def broken(base, spec, *args, **kwargs):
+        if spec.lora.r == 4:
             raise RuntimeError("CUDA error: device-side assert triggered")
-        return real(base, specs, *args, **kwargs)
+        return real(base, spec, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_trials", broken)
+    monkeypatch.setattr(reference, "train_one", broken)
     report = run(experiment(RANK3, tmp_path), RANK3, ctx)
     assert [o.state for o in report.outcomes] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert report.outcomes[-1].reason == "RuntimeError: CUDA error: device-side assert triggered"
@@ -260,15 +261,15 @@ def number(spec) -> int | None:
 
 @pytest.fixture
 def packed_calls(monkeypatch):
-    """Every call of the packed engine: its first specs and, in order, what its callbacks saw: ("result",
+    """Every call of the packed trainer: its first specs and, in order, what its callbacks saw: ("result",
     number, status) as a trial leaves the pack, ("join", number) for the spec a refill handed back (None:
     nothing more, the pack shrinks)."""
-    import lora_ablate.packed as packed
+    from lora_ablate.packed import PackedTrainer
 
     calls = []
-    real = packed.train_packed
+    real = PackedTrainer.train
 
-    def spy(base, specs, *args, refill=None, on_result=None, **kwargs):
+    def spy(self, specs, on_result=None, refill=None):
         call = {"specs": list(specs), "joined": [], "events": []}
         calls.append(call)
 
@@ -282,9 +283,9 @@ def packed_calls(monkeypatch):
             call["joined"] += [spec] if spec is not None else []
             return spec
 
-        return real(base, specs, *args, refill=next_spec, on_result=result, **kwargs)
+        return real(self, specs, on_result=result, refill=next_spec)
 
-    monkeypatch.setattr(packed, "train_packed", spy)
+    monkeypatch.setattr(PackedTrainer, "train", spy)
     return calls
 
 

@@ -13,11 +13,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from lora_ablate import reference
 from lora_ablate.commands.results import export
 from lora_ablate.commands.ui import open_ui
 from lora_ablate.context import build_context
 from lora_ablate.spaces import parse_space
-from lora_ablate.study import heartbeat, open_storage, run_study, runner, storage_url, study_name
+from lora_ablate.study import heartbeat, open_storage, run_study, storage_url, study_name
 from lora_ablate.tracking import StudyInfo, TrialRecord, make_tracker, trial_params
 from lora_ablate.workspace import mlflow_uri, redact
 
@@ -228,7 +229,7 @@ def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx
     space = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "fails")
     ws = tmp_path / "ws"
     exp = experiment(space, ws, eval={"generate": False, "base": False}, study={"n_trials": 2})
-    real = nan_rank(runner, 2)
+    real = nan_rank(reference, 2)
     report = run_study(exp, space, tracker=make_tracker(exp), context=ctx, progress=False)
     assert [o.state for o in report.outcomes] == ["COMPLETE", "FAIL"]
     client = MlflowClient(tracking_uri=mlflow_uri(ws))
@@ -249,7 +250,7 @@ def test_failed_and_stale_trials_are_failed_runs_with_their_reason(tmp_path, ctx
     dead.set_user_attr("mlflow_run_id", dead_run)
     storage.record_heartbeat(dead._trial_id)
     time.sleep(2.2)
-    monkeypatch.setattr(runner, "train_trials", real)
+    monkeypatch.setattr(reference, "train_one", real)
     report = run_study(experiment(space, ws, eval={"generate": False, "base": False}), space,
                        tracker=make_tracker(exp), context=ctx, progress=False)
     stale = client.get_run(dead_run)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from lora_ablate.config import LoraConfig, TrainConfig
-from lora_ablate.engine import TrialHooks, TrialPruned, lr_lambda
 from lora_ablate.evaluation import Evaluator
+from lora_ablate.trial import TrialHooks, TrialPruned, lr_lambda
 
 
 def adapter_tensors(path):
@@ -129,7 +129,7 @@ def test_grad_accumulation_matches_bigger_batch(run_trial, train_data, tmp_path,
     transformers 5.24: one element of 3,584 off by 9e-6). The old definition (each micro-batch's token mean,
     averaged over the window) is off by ~2e-2 in the gradient and ~1e-2 in the weights here, so both
     tolerances still catch it by orders of magnitude."""
-    from lora_ablate.engine import batch_order, label_tokens
+    from lora_ablate.trial import batch_order, label_tokens
 
     steps, seed, lr = 3, 0, 1e-2
     big_order, acc_order = batch_order(len(train_data), 8, seed), batch_order(len(train_data), 4, seed)
@@ -221,15 +221,15 @@ def test_nan_loss_fails_the_trial(run_trial, tmp_path):
 
 
 def test_patched_nan_fails_the_trial(run_trial, monkeypatch):
-    import lora_ablate.engine as engine
+    from lora_ablate import reference
 
-    real = engine.token_nll
+    real = reference.token_nll
 
     def poisoned(logits, labels):
         nll, mask = real(logits, labels)
         return nll * float("nan"), mask
 
-    monkeypatch.setattr(engine, "token_nll", poisoned)
+    monkeypatch.setattr(reference, "token_nll", poisoned)
     result = run_trial(train={"steps": 4, "log_every": 2}, evaluator=None)
     assert result.status == "failed" and "step 2" in result.error and "nan" in result.error
 
@@ -393,11 +393,12 @@ def test_load_base_dtype_device_overrides():
 
 def test_bf16_trial_runs(make_exp, train_data):
     from lora_ablate.config import ModelConfig
-    from lora_ablate.engine import TrialSpec, train_trials
     from lora_ablate.models import load_base
+    from lora_ablate.trainers import make_trainer
+    from lora_ablate.trial import TrialSpec
 
     base = load_base(ModelConfig(name="tiny-llama", dtype="bfloat16", device="cpu"))
     exp = make_exp(train={"steps": 2})
-    result = train_trials(base, [TrialSpec(exp.lora, exp.train)], train_data, None, progress=False)[0]
+    result = make_trainer(base, train_data, None, progress=False).train([TrialSpec(exp.lora, exp.train)])[0]
     assert result.status == "ok", result.error
     assert all(math.isfinite(h["loss"]) for h in result.history)

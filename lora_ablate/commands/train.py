@@ -7,9 +7,10 @@ from pathlib import Path
 
 from lora_ablate.config import Experiment
 from lora_ablate.context import build_context
-from lora_ablate.engine import TrialSpec, train_trials
 from lora_ablate.errors import UserError
 from lora_ablate.rundir import RunDir, environment
+from lora_ablate.trainers import make_trainer
+from lora_ablate.trial import TrialSpec
 
 
 def default_out() -> Path:
@@ -29,7 +30,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
     with run:
         report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
         spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")
-        result = train_trials(base, [spec], ctx.train, ctx.evaluator, progress=progress)[0]
+        result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress).train([spec])[0]
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
         run.yaml("config.yaml", exp.to_dict())

@@ -5,7 +5,7 @@ trial k). The frozen base runs once per micro-batch over the whole stack; every 
 replaced for the pack's lifetime by a :class:`PackedLoraLinear` that adds each trial's own low-rank update
 to that trial's rows with two batched matrix products over stacked A [K, r, in] and B [K, out, r].
 
-What a trial keeps to itself, exactly as on the single path (``engine.train_one``):
+What a trial keeps to itself, exactly as on the single path (``reference.train_one``):
   rank (zero-padded to the pack's largest, padding provably stays zero: its gradients are exactly 0),
   alpha rule and scale, targets (a projection the trial does not adapt has scale 0 and zero weights),
   learning rate and schedule, weight decay, seed (LoRA A init reproduces peft's RNG calls), init, data
@@ -32,32 +32,34 @@ hidden states in chunks (``loss``); both keep the arithmetic and are tested agai
 (tests/test_packed_gpu.py), but are not bit for bit the eager path (docs/benchmarks.md says where).
 
 The package, one module a part:
-  ``layers``     PackedLoraLinear, the batched LoRA projection installed on each adapted module
-  ``layout``     where each trial's A and B sit in the flat [K, numel] tensors; carrying survivors over
-  ``slot``       one trial: spec, result, precomputed data order, token counts and learning rates
-  ``init``       peft-identical LoRA A initialisation
-  ``data``       the training set on the device
-  ``optim``      per-trial gradient clipping and AdamW on the flat state
-  ``attention``  causal SDPA without a padding mask for training forwards
-  ``compiled``   torch.compile'd repeated blocks for training steps
-  ``loss``       next-token NLL from the final hidden states, LM head and cross-entropy in chunks
-  ``graphs``     the training step as CUDA graphs: capture, replay, width buckets
-  ``pack``       _Pack: install, bind, relayout, the step plan and one optimizer step
-  ``evaluate``   packed held-out NLL and generation, per-trial EvalReports
-  ``export``     a trial as a stock peft adapter directory
-  ``train``      train_packed: joining, the step loop, logging, evaluation, leaving, refill
-  ``sizing``     auto_pack_size / fit_pack
+  ``layers``       PackedLoraLinear, the batched LoRA projection installed on each adapted module
+  ``layout``       where each trial's A and B sit in the flat [K, numel] tensors; carrying survivors over
+  ``slot``         Slot, one trial: spec, result, precomputed data order, token counts and learning rates
+  ``init``         peft-identical LoRA A initialisation
+  ``device_data``  the training set on the device
+  ``optim``        per-trial gradient clipping and AdamW on the flat state
+  ``attention``    causal SDPA without a padding mask for training forwards
+  ``compiled``     torch.compile'd repeated blocks for training steps
+  ``loss``         next-token NLL from the final hidden states, LM head and cross-entropy in chunks
+  ``graphs``       the training step as CUDA graphs: capture, replay, width buckets
+  ``step``         Steps: the step plan until the next membership change and one optimizer step
+  ``pack``         Pack: trials joining, install, bind, relayout, close; the public way to step a pack by hand
+  ``heldout``      packed held-out NLL and generation, per-trial EvalReports
+  ``adapter_dir``  a trial as a stock peft adapter directory
+  ``train``        train_packed and PackedTrainer: joining, the step loop, logging, evaluation, leaving, refill
+  ``sizing``       auto_pack_size / fit_pack
 """
 
-from lora_ablate.packed.evaluate import GENERATE_ROWS, packed_generate, packed_nll, packed_reports
-from lora_ablate.packed.export import export_adapter
+from lora_ablate.packed.adapter_dir import export_adapter
+from lora_ablate.packed.heldout import GENERATE_ROWS, packed_generate, packed_nll, packed_reports
 from lora_ablate.packed.init import initial_A
 from lora_ablate.packed.layers import PackedLoraLinear
 from lora_ablate.packed.optim import BETA1, BETA2, CLIP_EPS, EPS
-from lora_ablate.packed.pack import _Pack  # noqa: F401 - tests drive a pack step by step
+from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.sizing import CPU_PACK, MAX_PACK, auto_pack_size, fit_pack
-from lora_ablate.packed.train import _join, train_packed  # noqa: F401 - _join: as above
+from lora_ablate.packed.slot import Slot
+from lora_ablate.packed.train import PackedTrainer, train_packed
 
-__all__ = ["BETA1", "BETA2", "CLIP_EPS", "CPU_PACK", "EPS", "GENERATE_ROWS", "MAX_PACK", "PackedLoraLinear",
-           "auto_pack_size", "export_adapter", "fit_pack", "initial_A", "packed_generate", "packed_nll",
-           "packed_reports", "train_packed"]
+__all__ = ["BETA1", "BETA2", "CLIP_EPS", "CPU_PACK", "EPS", "GENERATE_ROWS", "MAX_PACK", "Pack", "PackedLoraLinear",
+           "PackedTrainer", "Slot", "auto_pack_size", "export_adapter", "fit_pack", "initial_A", "packed_generate",
+           "packed_nll", "packed_reports", "train_packed"]

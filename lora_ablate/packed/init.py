@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
-from lora_ablate.engine import TrialSpec
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.layers import PackedLoraLinear, _features
+from lora_ablate.trial import TrialSpec
 
 
 def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str]) -> dict[str, torch.Tensor]:

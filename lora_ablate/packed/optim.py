@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from lora_ablate.packed.slot import _Slot
+from lora_ablate.packed.slot import Slot
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults, which the single path uses
 CLIP_EPS = 1e-6  # clip_grad_norm_'s max_norm / (norm + 1e-6)
 
 
-def _adam_scalars(slot: _Slot, step: int) -> tuple[float, float, float]:
+def _adam_scalars(slot: Slot, step: int) -> tuple[float, float, float]:
     """(1 - lr*wd, lr / bias_correction1, sqrt(bias_correction2)) for the slot's optimizer step ``step``."""
     lr = slot.lrs[step - 1] if step <= len(slot.lrs) else 0.0
     return 1 - lr * slot.train.weight_decay, lr / (1 - BETA1 ** step), (1 - BETA2 ** step) ** 0.5

@@ -1,43 +1,39 @@
-"""The pack: the frozen base with K trials' adapters installed, their flat fp32 state, and one training
-step (forward and backward of every micro-batch, clipping, AdamW) for all of them at once.
-
-A step runs eagerly (the reference) or, on a GPU, as a replay of a CUDA graph of the whole step
-(``graphs``, see packed/graphs.py).
-"""
+"""The pack: the frozen base with K trials' adapters installed and their flat fp32 state; trials join
+(``new_result``, ``new_slot``, ``relayout``), are bound to the adapted modules, step (``step``, planned and
+run by packed/step.py) and leave again (``relayout``, ``close``)."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 
 import torch
 
 from lora_ablate.data import Encoded
-from lora_ablate.errors import first_line
-from lora_ablate.evaluation import token_nll
 from lora_ablate.models import LoadedModel
-from lora_ablate.packed.attention import _causal_attention
 from lora_ablate.packed.compiled import _compile_blocks
-from lora_ablate.packed.data import _DeviceData
-from lora_ablate.packed.graphs import MIN_SPAN, StepGraphs, bucket_widths
+from lora_ablate.packed.device_data import _DeviceData
+from lora_ablate.packed.graphs import StepGraphs
 from lora_ablate.packed.init import initial_A
 from lora_ablate.packed.layers import PackedLoraLinear, _features, _parent
 from lora_ablate.packed.layout import _carry, _Layout
-from lora_ablate.packed.loss import head_nll
-from lora_ablate.packed.optim import _adam_scalars, adamw_per_trial_, adamw_single_, clip_per_trial_
-from lora_ablate.packed.slot import _Slot
+from lora_ablate.packed.slot import Slot, make_slot
+from lora_ablate.packed.step import Steps
 from lora_ablate.targets import TargetPlan, _linear_modules, plain_head, resolve_targets
-
-log = logging.getLogger(__name__)
+from lora_ablate.trial import TrialResult, TrialSpec
 
 # Each module's A and B are views with gaps between trials' rows, which autograd's layout contract calls
 # "not dense"; it still accumulates into them in place, which is what the flat gradient relies on.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
-class _Pack:
-    """The frozen base with K trials' adapters installed, their flat state, and one training step."""
+class Pack:
+    """The frozen base with K trials' adapters installed, their flat state, and their steps.
+
+    Driven by ``train_packed``; step by step (as tests do): ``slots = [pack.new_slot(pack.new_result(spec))
+    ...]``, ``pack.relayout(slots)``, then ``pack.step()`` as often as the shortest trial has steps left;
+    ``pack.close()`` restores the base.
+    """
 
     def __init__(self, base: LoadedModel, data: Encoded, lora_dtype: torch.dtype | None, compile: bool,
                  fused_head: bool = False, graphs: bool = False):
@@ -45,10 +41,9 @@ class _Pack:
         # the decoder and head weight when the loss may skip the full logits (see packed/loss.py)
         self.head = plain_head(self.model) if fused_head else None
         self.graphs = StepGraphs(base.device) if graphs and base.device.type == "cuda" else None
-        self.graphed = False  # this layout's steps replay graphs
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
-        self.slots: list[_Slot] = []
+        self.slots: list[Slot] = []
         self.layout: _Layout | None = None
         self.weights = self.grads = self.exp_avg = self.exp_avg_sq = None  # [K, numel] fp32
         self.wrappers: dict[str, PackedLoraLinear] = {}
@@ -58,10 +53,11 @@ class _Pack:
         self.plans: dict[tuple, TargetPlan] = {}
         self.compiled = _compile_blocks(self.model) if compile else None
         self.max_k = 0
+        self.steps: Steps | None = None
 
     # ------------------------------------------------------------------ membership
 
-    def relayout(self, slots: list[_Slot]) -> None:
+    def relayout(self, slots: list[Slot]) -> None:
         """Make ``slots`` the pack: survivors keep their exact state, new slots start from their init."""
         carried = [s for s in slots if s.row is not None]
         fresh = [s for s in slots if s.row is None]
@@ -91,9 +87,22 @@ class _Pack:
         self.max_k = max(self.max_k, K)
         self._install(layout.names)
         self._bind()
-        self._plan()
+        self.steps = Steps(self)
 
-    def _initial_row(self, slot: _Slot, layout: _Layout) -> torch.Tensor:
+    def new_result(self, spec: TrialSpec) -> TrialResult:
+        """The result a trial of ``spec`` starts from; a bad target raises UserError, as on the single path."""
+        plan = self.plan(spec.lora.targets)
+        return TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
+
+    def new_slot(self, result: TrialResult) -> Slot:
+        """The trial of ``result`` as a slot, placed by the next ``relayout``; TrialFailed when it cannot
+        start (fewer training records than its batch size)."""
+        spec = result.spec
+        slot = make_slot(spec, result, self.plan(spec.lora.targets), self.encoded)
+        result.trainable_params = sum(spec.lora.r * sum(self.dims[n]) for n in slot.modules)
+        return slot
+
+    def _initial_row(self, slot: Slot, layout: _Layout) -> torch.Tensor:
         row = torch.zeros(1, layout.numel)
         blocks = layout.blocks(row)
         names = [n for n in layout.names if n in slot.modules]
@@ -169,7 +178,7 @@ class _Pack:
             wrapper.compute_dtype = self.lora_dtype
 
     @contextlib.contextmanager
-    def selected(self, slots: list[_Slot]):
+    def selected(self, slots: list[Slot]):
         """Evaluate only ``slots``: the wrappers see just their rows, in this order."""
         if [s.row for s in slots] == list(range(len(self.slots))):
             yield
@@ -180,171 +189,30 @@ class _Pack:
         finally:
             self._bind()
 
-    # ------------------------------------------------------------------ the step plan
-
-    def _plan(self) -> None:
-        """Everything the steps until the next membership change need, precomputed on the device."""
-        slots, dev = self.slots, self.device
-        self.span = min(s.train.steps - s.done for s in slots)  # a slot finishes (and the pack changes) then
-        self.j = 0
-        self.ga = max(s.train.grad_accum for s in slots)
-        b = max(s.train.batch_size for s in slots)
-        filler = [self.data.filler] * b
-        rows = []  # [span][ga][K * b]: each trial's micro-batch padded with filler rows to the pack's batch
-        self.widths = [[2] * self.ga for _ in range(self.span)]  # >= 2: a next-token loss needs two tokens
-        for j in range(self.span):
-            rows.append([])
-            for m in range(self.ga):
-                flat = []
-                for s in slots:
-                    i = (s.done + j) * s.train.grad_accum + m
-                    real = s.batches[i] if m < s.train.grad_accum else []
-                    flat += real + filler[len(real):]
-                    if real:
-                        self.widths[j][m] = max(self.widths[j][m], s.widths[i])
-                rows[j].append(flat)
-        self.graphed = self.graphs is not None and not self.graphs.failed and self.span >= MIN_SPAN
-        if self.graphed:
-            self.widths = bucket_widths(self.widths, self.data.ids.shape[1])
-        self.rows = torch.tensor(rows, dtype=torch.long).to(dev)
-        # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
-        self.host_window = [[s.window[s.done + j] for s in slots] for j in range(self.span)]
-        self.window = torch.tensor(self.host_window, dtype=torch.float32).to(dev)  # [span, K]
-        self.max_norm = torch.tensor([s.train.max_grad_norm for s in slots], device=dev)
-        self.clip = any(s.train.max_grad_norm for s in slots)
-        self.decay_on = any(s.train.weight_decay for s in slots)
-        # AdamW's per-step scalars in float64 on the host, as torch computes them, then one upload
-        host = [[_adam_scalars(s, s.done + j + 1) for j in range(self.span)] for s in slots]
-        self.host_scalars = host
-        table = torch.tensor(host, dtype=torch.float64).to(torch.float32)  # [K, span, 3]
-        self.scalars = table.permute(2, 1, 0).contiguous().to(dev)  # [3, span, K]
-        if self.graphed:  # what each replay reads: this step's slice of the tables above, copied in
-            self.static = (torch.empty_like(self.rows[0]), torch.empty_like(self.window[0]),
-                           torch.empty_like(self.scalars[:, 0]))
-
-    # ------------------------------------------------------------------ one optimizer step
+    # ------------------------------------------------------------------ steps
 
     def step(self) -> None:
         """One optimizer step of every slot; losses accumulate on the device (no host sync)."""
-        if not (self.graphed and self._replay()):
-            self._forward_backward(self.rows[self.j], self.widths[self.j], self.window[self.j], self.host_window[self.j])
-            self._clip()
-            self._adamw()
-            self.grads.zero_()
-        for s in self.slots:
-            s.done += 1
-        self.j += 1
+        self.steps.step()
 
-    def _forward_backward(self, rows, widths, window, host_window=None) -> None:
-        if self.compiled is None:
-            self._micro_batches(rows, widths, window, host_window)
-            return
-        running = self.running.clone()
-        try:
-            with self.compiled.active():
-                self._micro_batches(rows, widths, window, host_window)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the reference anyway
-            log.warning("torch.compile failed (%s: %s); training this pack eagerly",
-                        type(e).__name__, first_line(e))
-            self.compiled.restore()
-            self.compiled = None
-            self.grads.zero_()
-            self.running.copy_(running)
-            self._micro_batches(rows, widths, window, host_window)
-
-    def _micro_batches(self, rows: torch.Tensor, widths: list[int], window: torch.Tensor,
-                       host_window: list[float] | None) -> None:
-        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b], ``window`` [K] on the device.
-        With ``host_window`` (the same divisors on the host), K = 1 reduces exactly as the single path."""
-        K = len(self.slots)
-        # right padding + causal attention: real tokens never see padding, so no padding mask is needed
-        with _causal_attention(self.model):
-            for m in range(self.ga):
-                ids, labels = self.data.batch(rows[m], widths[m])
-                nll = self._nll(ids, labels)
-                # summed NLL over the trial's window tokens (all its micro-batches of this step); a slot with
-                # fewer micro-batches gets filler rows here: loss 0
-                if K == 1 and host_window is not None:  # the single path's reductions, to the bit
-                    loss = (nll.sum() / host_window[0]).view(1)
-                else:
-                    loss = nll.view(K, -1).sum(1) / window
-                loss.sum().backward()
-                self.running += loss.detach()  # per micro-batch, in the single path's order
-
-    def _nll(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token next-token NLL of the batch (0 where masked)."""
-        if self.head is not None:
-            decoder, weight = self.head
-            # compiled on a GPU whether or not the blocks are: a small graph, and most of the loss's time
-            return head_nll(decoder(input_ids=ids, use_cache=False).last_hidden_state, weight, labels,
-                            compiled=self.device.type == "cuda")
-        return token_nll(self.model(input_ids=ids, use_cache=False).logits, labels)[0]
-
-    def _clip(self) -> None:
-        if not self.clip:
-            return
-        if len(self.slots) == 1:
-            torch.nn.utils.clip_grad_norm_(self.leaves, self.slots[0].train.max_grad_norm)
-            return
-        clip_per_trial_(self.grads, self.max_norm)
-
-    def _adamw(self) -> None:
-        """torch.optim.AdamW (single-tensor form, decoupled weight decay) on every row at once."""
-        state = self.weights, self.grads, self.exp_avg, self.exp_avg_sq
-        if len(self.slots) == 1:  # Python scalars: literally torch's calls
-            adamw_single_(*state, *self.host_scalars[0][self.j], self.decay_on)
-            return
-        adamw_per_trial_(*state, *self.scalars[:, self.j], self.decay_on)  # each [K], one value per trial
-
-    # ------------------------------------------------------------------ the step as a CUDA graph
-
-    def _replay(self) -> bool:
-        """Run this step as a CUDA graph (captured on first use of its widths); False: run it eagerly."""
-        key = tuple(self.widths[self.j])
-        rows, window, scalars = self.static
-        rows.copy_(self.rows[self.j])
-        window.copy_(self.window[self.j])
-        scalars.copy_(self.scalars[:, self.j])
-        return self.graphs.replay(key, lambda: self._capture(list(key)))
-
-    def _capture(self, widths: list[int]) -> torch.cuda.CUDAGraph | None:
-        """The whole step (forward and backward of every micro-batch, clipping, AdamW, zeroing the gradients)
-        over the static buffers."""
-        rows, window, scalars = self.static
-        running = self.running.clone()
-
-        def undo() -> None:  # what the warm-up passes changed
-            self.grads.zero_()
-            self.running.copy_(running)
-
-        def body() -> None:
-            with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
-                self._micro_batches(rows, widths, window, None)
-            if self.clip:
-                clip_per_trial_(self.grads, self.max_norm)
-            adamw_per_trial_(self.weights, self.grads, self.exp_avg, self.exp_avg_sq, *scalars, self.decay_on)
-            self.grads.zero_()
-
-        # evaluation re-binds the wrappers to fresh scale tensors; the graph keeps reading these
-        keep = [(w.lora_A, w.lora_B, w.scale, w.keep) for w in self.wrappers.values()]
-        graph = self.graphs.capture(tuple(widths), lambda: self._forward_backward(rows, widths, window), undo, body,
-                                    keep)
-        self.graphed = graph is not None
-        return graph
+    def optimizer_step(self) -> None:
+        """The second half of ``step`` alone: clipping and AdamW of every slot on whatever is in ``grads``
+        (then zeroed), the step counted. Tests feed their own gradients through it."""
+        self.steps.optimizer_step()
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def take_running(self, slots: list[_Slot]) -> list[float]:
+    def take_running(self, slots: list[Slot]) -> list[float]:
         """The slots' summed losses since their last log (one host sync for all), then zeroed."""
         values = self.running.tolist()
         for s in slots:
             self.running[s.row].zero_()
         return [values[s.row] for s in slots]
 
-    def slot_grads(self, slot: _Slot) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def slot_grads(self, slot: Slot) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return self.slot_weights(slot, self.grads)
 
-    def slot_weights(self, slot: _Slot, flat: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+    def slot_weights(self, slot: Slot, flat: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
         """The slot's own (unpadded) A [r, in] and B [out, r] per adapted module (views into ``flat``,
         by default the weights)."""
         r = slot.spec.lora.r

@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 
 from lora_ablate.data import Encoded
-from lora_ablate.engine import TrialSpec
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.train import train_packed
+from lora_ablate.trial import TrialSpec
 
 MAX_PACK = 32  # measured on an H200: aggregate tokens/s flattens between 16 and 32 (docs/benchmarks.md)
 CPU_PACK = 4  # auto on a CPU: time, not memory, is the limit there, and gains flatten after a few trials

@@ -1,5 +1,5 @@
 """One trial inside the pack: its spec and result, and its data order, token counts and learning rates
-precomputed from the spec exactly as the single path (``engine.train_one``) derives them."""
+precomputed from the spec exactly as the single path (``reference.train_one``) derives them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import functools
 from dataclasses import dataclass
 
 from lora_ablate.data import Encoded
-from lora_ablate.engine import TrialResult, TrialSpec, batch_order, label_tokens, lr_lambda, window_tokens
 from lora_ablate.targets import TargetPlan
+from lora_ablate.trial import TrialResult, TrialSpec, batch_order, label_tokens, lr_lambda, window_tokens
 
 
 @dataclass(eq=False)
-class _Slot:
+class Slot:
     """One trial inside the pack: its spec, result and everything precomputed for it."""
 
     spec: TrialSpec
@@ -45,7 +45,7 @@ class _Slot:
         return self.train.lr * lr_lambda(self.train)(step)
 
 
-def _make_slot(spec: TrialSpec, result: TrialResult, plan: TargetPlan, data: Encoded) -> _Slot:
+def make_slot(spec: TrialSpec, result: TrialResult, plan: TargetPlan, data: Encoded) -> Slot:
     tc = spec.train
     order = batch_order(len(data), tc.batch_size, tc.seed)  # raises TrialFailed when data < batch
     batches = [next(order) for _ in range(tc.steps * tc.grad_accum)]
@@ -57,4 +57,4 @@ def _make_slot(spec: TrialSpec, result: TrialResult, plan: TargetPlan, data: Enc
     window = [window_tokens(counts, batches[s * tc.grad_accum:(s + 1) * tc.grad_accum]) for s in range(tc.steps)]
     f = lr_lambda(tc)
     lrs = [tc.lr * f(s) for s in range(tc.steps)]  # step s+1 runs with LambdaLR's lr after s steps
-    return _Slot(spec, result, plan, batches, widths, tokens, window, lrs)
+    return Slot(spec, result, plan, batches, widths, tokens, window, lrs)

@@ -1,5 +1,6 @@
-"""``train_packed``: trials joining the pack, the step loop, logging, intermediate and final evaluation,
-trials leaving (finished, failed, pruned) and free slots refilled."""
+"""``train_packed`` (and ``PackedTrainer``, the same behind the ``Trainer`` interface): trials joining the
+pack, the step loop, logging, intermediate and final evaluation, trials leaving (finished, failed, pruned)
+and free slots refilled."""
 
 from __future__ import annotations
 
@@ -10,14 +11,28 @@ from typing import Callable, Sequence
 import torch
 
 from lora_ablate.data import Encoded
-from lora_ablate.engine import TrialFailed, TrialHooks, TrialPruned, TrialResult, TrialSpec
 from lora_ablate.errors import one_line
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
-from lora_ablate.packed.evaluate import packed_nll, packed_reports
-from lora_ablate.packed.export import export_adapter
-from lora_ablate.packed.pack import _Pack
-from lora_ablate.packed.slot import _make_slot, _Slot
+from lora_ablate.packed.adapter_dir import export_adapter
+from lora_ablate.packed.heldout import packed_nll, packed_reports
+from lora_ablate.packed.pack import Pack
+from lora_ablate.packed.slot import Slot
+from lora_ablate.trial import Trainer, TrialFailed, TrialHooks, TrialPruned, TrialResult, TrialSpec
+
+
+class PackedTrainer(Trainer):
+    """``train_packed`` as a ``Trainer``: ``specs`` start together in one pack, refills take freed slots."""
+
+    def __init__(self, base: LoadedModel, data: Encoded, evaluator: Evaluator | None,
+                 hooks: TrialHooks | None = None, progress: bool = True, **options):
+        self.base, self.data, self.evaluator, self.hooks, self.progress = base, data, evaluator, hooks, progress
+        self.options = options  # train_packed's keywords: compile, lora_dtype, fused_head, cuda_graphs
+
+    def train(self, specs: Sequence[TrialSpec], on_result: Callable[[TrialResult], None] | None = None,
+              refill: Callable[[], TrialSpec | None] | None = None) -> list[TrialResult]:
+        return train_packed(self.base, specs, self.data, self.evaluator, self.hooks, self.progress, refill=refill,
+                            on_result=on_result, **self.options)
 
 
 def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, evaluator: Evaluator | None = None,
@@ -45,7 +60,7 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     results: list[TrialResult] = []
     checkpointing = any(s.train.gradient_checkpointing for s in specs)
     cuda = base.device.type == "cuda"
-    pack = _Pack(base, data, lora_dtype, compile and not checkpointing,
+    pack = Pack(base, data, lora_dtype, compile and not checkpointing,
                  fused_head=cuda if fused_head is None else fused_head,
                  # checkpointing saves and restores the RNG state and bitsandbytes' kernels sync with the
                  # host, neither of which a graph capture allows
@@ -70,23 +85,20 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     return results
 
 
-def _join(spec: TrialSpec, pack: _Pack, results: list, on_result) -> _Slot | None:
+def _join(spec: TrialSpec, pack: Pack, results: list, on_result) -> Slot | None:
     """A slot for ``spec``, or None if it failed before it could start (e.g. too little data)."""
-    plan = pack.plan(spec.lora.targets)  # a bad target raises UserError, as on the single path
-    result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
+    result = pack.new_result(spec)
     results.append(result)
     try:
-        slot = _make_slot(spec, result, plan, pack.encoded)
+        return pack.new_slot(result)
     except TrialFailed as e:
         result.status, result.error = "failed", str(e)
         if on_result:
             on_result(result)
         return None
-    result.trainable_params = sum(spec.lora.r * sum(pack.dims[n]) for n in slot.modules)
-    return slot
 
 
-def _run(pack: _Pack, slots: list[_Slot], evaluator, hooks: TrialHooks, progress: bool, refill,
+def _run(pack: Pack, slots: list[Slot], evaluator, hooks: TrialHooks, progress: bool, refill,
          results: list, on_result) -> None:
     from tqdm.auto import tqdm
 
@@ -127,9 +139,9 @@ def _run(pack: _Pack, slots: list[_Slot], evaluator, hooks: TrialHooks, progress
     bar.close()
 
 
-def _after_step(pack: _Pack, evaluator, hooks: TrialHooks, on_result) -> list[_Slot]:
+def _after_step(pack: Pack, evaluator, hooks: TrialHooks, on_result) -> list[Slot]:
     """Logging, intermediate evaluation and the end of trials after a step; returns the slots leaving."""
-    leaving: list[_Slot] = []
+    leaving: list[Slot] = []
     due = [s for s in pack.slots if s.done % s.train.log_every == 0 or s.finished]
     for s, summed in zip(due, pack.take_running(due) if due else []):
         mean_loss = summed / (s.done % s.train.log_every or s.train.log_every)
@@ -158,13 +170,13 @@ def _after_step(pack: _Pack, evaluator, hooks: TrialHooks, on_result) -> list[_S
     return leaving
 
 
-def _evaluating(pack: _Pack, seconds: float) -> None:
+def _evaluating(pack: Pack, seconds: float) -> None:
     """Held-out evaluation is not training time (as on the single path): every trial in the pack waited."""
     for s in pack.slots:
         s.eval_seconds += seconds
 
 
-def _hook(slot: _Slot, leaving: list, on_result, pack: _Pack, fn, *args) -> bool:
+def _hook(slot: Slot, leaving: list, on_result, pack: Pack, fn, *args) -> bool:
     """Call a trial's hook; a TrialPruned/TrialFailed it raises ends that trial only."""
     try:
         fn(*args)
@@ -176,7 +188,7 @@ def _hook(slot: _Slot, leaving: list, on_result, pack: _Pack, fn, *args) -> bool
     return False
 
 
-def _leave(slot: _Slot, status: str, error: str, on_result, pack: _Pack) -> _Slot:
+def _leave(slot: Slot, status: str, error: str, on_result, pack: Pack) -> Slot:
     slot.result.status, slot.result.error = status, error
     _stamp(slot, pack)
     if on_result:
@@ -184,7 +196,7 @@ def _leave(slot: _Slot, status: str, error: str, on_result, pack: _Pack) -> _Slo
     return slot
 
 
-def _stamp(slot: _Slot, pack: _Pack) -> None:
+def _stamp(slot: Slot, pack: Pack) -> None:
     """Tokens, time and the trial's share of the pack's peak memory, as of now."""
     if pack.device.type == "cuda":
         torch.cuda.synchronize(pack.device)
@@ -193,7 +205,7 @@ def _stamp(slot: _Slot, pack: _Pack) -> None:
     slot.result.train_seconds = time.perf_counter() - slot.t0 - slot.eval_seconds
 
 
-def _finish(pack: _Pack, done: list[_Slot], evaluator, leaving: list, on_result) -> None:
+def _finish(pack: Pack, done: list[Slot], evaluator, leaving: list, on_result) -> None:
     """Final evaluation (packed) and export of the trials that completed their steps."""
     for s in done:
         _stamp(s, pack)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lora_ablate.engine import TrialResult
 from lora_ablate.study.settings import Objective
+from lora_ablate.trial import TrialResult
 from lora_ablate.vocab import FINAL_STATES, State, format_value
 
 

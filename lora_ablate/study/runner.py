@@ -1,15 +1,21 @@
 """One worker's ask/tell loop: the base model loaded once, trials asked from Optuna and trained on it, and
 each trial told (to Optuna, then tracking) as soon as it finishes.
 
-Pack 1 trains each trial alone on the plain peft path, the reference. A pack of K > 1 goes to the packed
-engine with two callbacks that close over this runner, so the engine never sees Optuna: ``on_result``
-tells a trial's result the moment it leaves the pack (finished, failed, diverged or pruned), and
-``refill`` asks for the next trial to take the freed slot, within ``--n-trials``, ``--timeout`` and what
-the space still needs (None: the pack shrinks). The packed engine accepts any spec mid-pack (targets are
-unioned and ranks padded when the pack is re-laid out; batch size, accumulation and schedule stay per
-trial); only gradient checkpointing and compilation are set for the pack by its first trials, which
-changes memory, not a trial's numbers. One pack therefore usually runs the whole invocation; the loop
-starts another when a pack has drained (no work at the time, or an out-of-memory step failed the pack).
+One trial's life, top to bottom in the "one trial" section below: ``_ask_one`` asks Optuna for it,
+``_prepare`` builds its experiment and spec (or fails it at once), the trainer trains it (its hooks send
+curves to tracking and held-out loss to the pruner), ``_on_result`` judges its result and ``_tell`` tells
+Optuna, then tracking, then the progress bar.
+
+Every trial goes through one ``Trainer`` (``make_trainer``: pack 1 is the plain peft path, the reference;
+a pack of K > 1 the packed engine) with two bound methods of this runner as callbacks, so the trainer
+never sees Optuna: ``on_result`` tells a trial's result the moment it is done (finished, failed, diverged
+or pruned), and ``refill`` asks for the next trial (in a pack: to take the freed slot), within
+``--n-trials``, ``--timeout`` and what the space still needs (None: the trainer stops, a pack shrinks). The
+packed engine accepts any spec mid-pack (targets are unioned and ranks padded when the pack is re-laid
+out; batch size, accumulation and schedule stay per trial); only gradient checkpointing and compilation
+are set for the pack by its first trials, which changes memory, not a trial's numbers. One call of the
+trainer therefore usually runs the whole invocation; the loop calls it again when it has drained (no work
+at the time, or an out-of-memory step failed the pack).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import time
 from typing import Callable
 
 from lora_ablate.config import Experiment
-from lora_ablate.engine import TrialResult, TrialSpec, train_trials
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space, params_per_rank
 from lora_ablate.study import heartbeat
@@ -29,6 +34,8 @@ from lora_ablate.study.settings import check_study, seeds_of, storage_url
 from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
 from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord
+from lora_ablate.trainers import make_trainer
+from lora_ablate.trial import Trainer, TrialResult, TrialSpec
 from lora_ablate.workspace import redact
 
 INTERRUPTED = "interrupted (the trial is trained again on resume)"
@@ -49,12 +56,10 @@ class StudyRunner:
         self.stale = heartbeat.StaleTrials()
         self.study = self.storage = None
         self.failed_now: set[int] = set()  # trial numbers that failed in this invocation
-        self.pack = 1
         self._per_rank: dict[tuple, int] = {}
-        # the loop's state, shared with the packed engine's callbacks
+        # the loop's state, read and changed by the trainer's callbacks (refill asks, on_result tells)
         self.flying: dict[str, InFlight] = {}  # spec name -> a trial asked and not told yet
         self.beats: heartbeat.Heartbeat | None = None
-        self.hooks: Hooks | None = None
         self.report: StudyReport | None = None
         self.bar: Progress | None = None
         self.budget = self.asked = 0
@@ -90,8 +95,7 @@ class StudyRunner:
                 base_report = self.ctx.evaluator.run(base.model, base.device)
                 report.base = base_report.flat()
                 self.tracker.log_base(base_report)
-            self.pack = self._pack_size()
-            self._loop(report, budget)
+            self._loop(report, budget, self._pack_size())
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -102,15 +106,18 @@ class StudyRunner:
 
     # -- the loop
 
-    def _loop(self, report: StudyReport, budget: int) -> None:
+    def _loop(self, report: StudyReport, budget: int, pack: int) -> None:
         self.report, self.budget, self.asked = report, budget, 0
-        self.hooks = Hooks(self.flying, self.tracker, self.objective, self.exp.study.pruner != "none")
+        ctx = self.ctx
+        hooks = Hooks(self.flying, self.tracker, self.objective, self.exp.study.pruner != "none")
+        trainer = make_trainer(ctx.base, ctx.train, ctx.evaluator, hooks, pack=pack, progress=self.progress,
+                               compile=self.exp.study.compiles(ctx.base.device.type == "cuda"))
         self.bar = Progress(self.study.study_name, budget, self.objective, self.progress)
         try:
             with heartbeat.Heartbeat(self.storage) as self.beats:
                 try:
-                    while flights := self._ask(self.pack):
-                        self._train(flights)
+                    while flights := self._ask(pack):
+                        self._train(trainer, flights)
                 except KeyboardInterrupt:  # Ctrl-C, SIGTERM: whatever is in flight is trained again on resume
                     self._fail_flying(INTERRUPTED)
                     raise
@@ -140,6 +147,26 @@ class StudyRunner:
             flights.append(flight)
         return flights
 
+    def _train(self, trainer: Trainer, flights: list[InFlight]) -> None:
+        """Train ``flights`` and whatever ``refill`` hands the trainer after them; every trial is told exactly
+        once."""
+        try:
+            trainer.train([f.spec for f in flights], on_result=self._on_result, refill=self._refill)
+        except Exception as e:  # noqa: BLE001 - any trial error is recorded and the study goes on
+            self._fail_flying(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500])
+        self._fail_flying("the engine returned no result for this trial")  # never expected: no trial left RUNNING
+
+    def _refill(self) -> TrialSpec | None:
+        """The trainer has room for a trial: the next one's spec, or None when this invocation has no more."""
+        flights = self._ask(1)
+        return flights[0].spec if flights else None
+
+    def _fail_flying(self, reason: str) -> None:
+        for f in list(self.flying.values()):
+            self._tell(f, None, "FAIL", reason)
+
+    # -- one trial, in the order of its life
+
     def _ask_one(self) -> InFlight | None:
         from optuna.trial import TrialState
 
@@ -153,39 +180,6 @@ class StudyRunner:
         self.asked += 1
         self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
         return self._prepare(trial)
-
-    def _train(self, flights: list[InFlight]) -> None:
-        """Train ``flights`` (and, packed, whatever refills their slots); every trial is told exactly once."""
-        ctx = self.ctx
-        try:
-            if self.pack > 1:
-                from lora_ablate.packed import train_packed
-
-                train_packed(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
-                             progress=self.progress, refill=self._refill, on_result=self._on_result,
-                             compile=self.exp.study.compiles(ctx.base.device.type == "cuda"))
-            else:  # one trial at a time on the plain peft path: the reference
-                results = train_trials(ctx.base, [f.spec for f in flights], ctx.train, ctx.evaluator, self.hooks,
-                                       progress=self.progress, packed=False)
-                for r in results:
-                    self._on_result(r)
-        except Exception as e:  # noqa: BLE001 - any trial error is recorded and the study goes on
-            self._fail_flying(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500])
-        self._fail_flying("the engine returned no result for this trial")  # never expected: no trial left RUNNING
-
-    def _refill(self) -> TrialSpec | None:
-        """A slot of the pack is free: the next trial's spec, or None when this invocation has no more."""
-        flights = self._ask(1)
-        return flights[0].spec if flights else None
-
-    def _on_result(self, r: TrialResult) -> None:
-        self._judge(self.flying[r.spec.name], r)
-
-    def _fail_flying(self, reason: str) -> None:
-        for f in list(self.flying.values()):
-            self._tell(f, None, "FAIL", reason)
-
-    # -- one trial
 
     def _prepare(self, trial) -> InFlight:
         """Params -> the trial's experiment and spec; a trial that cannot be built fails right here."""
@@ -211,7 +205,9 @@ class StudyRunner:
                                 adapter_dir=adapter_dir(self.tracker.staging_dir(flight.run_id)))
         return flight
 
-    def _judge(self, f: InFlight, r: TrialResult) -> TrialOutcome:
+    def _on_result(self, r: TrialResult) -> TrialOutcome:
+        """The trainer is done with a trial: judge its result and tell it."""
+        f = self.flying[r.spec.name]
         if r.status == "pruned":
             return self._tell(f, r, "PRUNED", r.error)
         if r.status != "ok":

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_ablate.config import Experiment
-from lora_ablate.engine import TrialHooks, TrialPruned, TrialSpec
 from lora_ablate.spaces import Space
 from lora_ablate.study.settings import Objective
 from lora_ablate.tracking import Tracker, TrialRecord
+from lora_ablate.trial import TrialHooks, TrialPruned, TrialSpec
 from lora_ablate.vocab import SEED_KEY, config_hash
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_ablate.engine import peft_config
-from lora_ablate.packed.pack import _Pack
-from lora_ablate.packed.slot import _Slot
+from lora_ablate.packed.pack import Pack
+from lora_ablate.packed.slot import Slot
+from lora_ablate.trial import peft_config
 
 
-def export_adapter(pack: _Pack, slot: _Slot, dest: Path) -> None:
+def export_adapter(pack: Pack, slot: Slot, dest: Path) -> None:
     """Write the slot's adapter as peft's ``save_pretrained`` would: adapter_config.json and
     adapter_model.safetensors with ``base_model.model.<module>.lora_A.weight`` keys, fp32, unpadded."""
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME

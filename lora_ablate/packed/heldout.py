@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from lora_ablate.evaluation import EvalReport, Evaluator, left_padded, token_nll
-from lora_ablate.packed.pack import _Pack
-from lora_ablate.packed.slot import _Slot
+from lora_ablate.packed.pack import Pack
+from lora_ablate.packed.slot import Slot
 
 GENERATE_ROWS = 4  # generation holds a KV cache, not full logits: this many times a step's rows at once
 
 
-def _eval_groups(pack: _Pack, slots: list[_Slot], eval_batch: int, factor: int = 1) -> list[list[_Slot]]:
+def _eval_groups(pack: Pack, slots: list[Slot], eval_batch: int, factor: int = 1) -> list[list[Slot]]:
     """Slots evaluated together: at most ``factor`` times the rows of a training step per forward, so
     scoring (full-vocabulary logits per token, like training) never needs more memory than training;
     generation keeps only the last position's logits and passes ``factor`` > 1."""
@@ -22,7 +22,7 @@ def _eval_groups(pack: _Pack, slots: list[_Slot], eval_batch: int, factor: int =
 
 
 @torch.no_grad()
-def packed_nll(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[dict]:
+def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict]:
     """``Evaluator.nll`` for each slot, all slots of a group over the same held-out batch at once."""
     out: list[dict] = []
     model, device, pad = pack.model, pack.device, evaluator.tokenizer.pad_token_id
@@ -55,7 +55,7 @@ def packed_nll(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[di
 
 
 @torch.no_grad()
-def packed_generate(pack: _Pack, evaluator: Evaluator, slots: list[_Slot], name: str) -> list[list[str]]:
+def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: str) -> list[list[str]]:
     """``Evaluator.generate`` (greedy, left-padded, cut at '###') for each slot; each group of slots
     decodes the same prompts together through HF ``generate`` on the stacked batch."""
     tok, cfg = evaluator.tokenizer, evaluator.cfg
@@ -85,7 +85,7 @@ def packed_generate(pack: _Pack, evaluator: Evaluator, slots: list[_Slot], name:
     return out
 
 
-def packed_reports(pack: _Pack, evaluator: Evaluator, slots: list[_Slot]) -> list[EvalReport]:
+def packed_reports(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[EvalReport]:
     """``Evaluator.run`` for each slot: per-set NLL/ppl (and generation metrics), per-example rows."""
     nlls = packed_nll(pack, evaluator, slots)
     reports = [EvalReport() for _ in slots]

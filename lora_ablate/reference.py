@@ -1,9 +1,6 @@
-"""The engine: ``train_trials(base, specs, data, evaluator) -> list[TrialResult]``.
-
-It takes a *list* of trial specs so that packing several trials into one pass over the frozen base is
-another path of this function, not a redesign. The single path below is the reference: plain peft, one
-adapter at a time, injected into the shared base and unloaded again afterwards, so the base is the same
-before and after every trial.
+"""The reference training path: ``ReferenceTrainer`` trains trials one at a time with plain peft, each
+adapter injected into the shared base and unloaded again afterwards, so the base is the same before and
+after every trial. The packed engine (``lora_ablate.packed``) is tested against it.
 
 Gradient accumulation is token-weighted: an optimizer step's loss is the summed token NLL of all its
 ``grad_accum`` micro-batches divided by their total label tokens, so its gradient is exactly that of one
@@ -15,129 +12,52 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lora_ablate.config import LoraConfig, TrainConfig
 from lora_ablate.data import Encoded
 from lora_ablate.errors import one_line
-from lora_ablate.evaluation import EvalReport, Evaluator, token_nll
+from lora_ablate.evaluation import Evaluator, token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
+from lora_ablate.trial import (
+    Trainer,
+    TrialFailed,
+    TrialHooks,
+    TrialPruned,
+    TrialResult,
+    TrialSpec,
+    batch_order,
+    label_tokens,
+    lr_lambda,
+    peft_config,
+    window_tokens,
+)
 
 
-class TrialPruned(Exception):
-    """Raised by a hook to stop a trial early (study pruning)."""
+class ReferenceTrainer(Trainer):
+    """The reference path: one trial after another through ``train_one``."""
+
+    def __init__(self, base: LoadedModel, data: Encoded, evaluator: Evaluator | None,
+                 hooks: TrialHooks | None = None, progress: bool = True):
+        self.base, self.data, self.evaluator = base, data, evaluator
+        self.hooks, self.progress = hooks or TrialHooks(), progress
+
+    def train(self, specs: Sequence[TrialSpec], on_result: Callable[[TrialResult], None] | None = None,
+              refill: Callable[[], TrialSpec | None] | None = None) -> list[TrialResult]:
+        results = []
+        for spec in _then_refills(specs, refill):
+            results.append(train_one(self.base, spec, self.data, self.evaluator, self.hooks, self.progress))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
 
 
-class TrialFailed(Exception):
-    """A trial that cannot go on (non-finite loss, ...); the study records the reason and goes on."""
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """Everything that distinguishes one trial."""
-
-    lora: LoraConfig
-    train: TrainConfig
-    name: str = "trial"
-    adapter_dir: Path | None = None  # where to save the trained adapter (None = do not save)
-
-
-@dataclass
-class TrialResult:
-    spec: TrialSpec
-    status: str = "ok"  # ok | failed | pruned
-    error: str = ""
-    targets: str = ""
-    trainable_params: int = 0
-    scaling: float = 1.0
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"}
-    evals: list[dict] = field(default_factory=list)  # intermediate held-out NLL: {"step", "<set>/nll", ...}
-    final: EvalReport | None = None
-    tokens: int = 0
-    train_seconds: float = 0.0
-    peak_mem_mb: float = 0.0
-    adapter_dir: Path | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds else 0.0
-
-    def summary(self) -> dict:
-        return {"status": self.status, "error": self.error, "targets": self.targets,
-                "trainable_params": self.trainable_params, "scaling": self.scaling, "tokens": self.tokens,
-                "train_seconds": self.train_seconds, "tokens_per_s": self.tokens_per_s,
-                "peak_mem_mb": self.peak_mem_mb, "final_train_loss": self.history[-1]["loss"] if self.history else None}
-
-
-class TrialHooks:
-    """Callbacks from inside a trial; the study uses them for tracking and pruning. No-ops by default."""
-
-    def on_train_log(self, spec: TrialSpec, step: int, values: dict) -> None:
-        pass
-
-    def on_eval(self, spec: TrialSpec, step: int, values: dict) -> None:
-        """May raise TrialPruned."""
-
-
-def peft_config(lora: LoraConfig, target_modules):
-    import peft
-
-    return peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout,
-                           target_modules=target_modules, use_rslora=lora.alpha_rule == "rslora",
-                           init_lora_weights=True if lora.init == "default" else "gaussian",
-                           bias="none", task_type="CAUSAL_LM")
-
-
-def lr_lambda(train: TrainConfig):
-    warm = int(train.warmup * train.steps)
-
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if step < warm:
-            return (step + 1) / warm
-        if train.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, train.steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else 1 - progress
-
-    return f
-
-
-def batch_order(n: int, batch: int, seed: int):
-    """Endless stream of index batches: a fresh seeded permutation per epoch (ragged tail dropped)."""
-    gen = torch.Generator().manual_seed(seed)
-    if n < batch:
-        raise TrialFailed(f"{n} training records are fewer than train.batch_size={batch}")
-    while True:
-        perm = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n - batch + 1, batch):
-            yield perm[i:i + batch]
-
-
-def label_tokens(data: Encoded) -> list[int]:
-    """Tokens each example contributes to the loss: labels after the next-token shift that are not
-    IGNORE (what ``token_nll``'s mask counts for that row). Counted once per data set (every trial of a
-    study asks again)."""
-    return data.label_counts
-
-
-def window_tokens(counts: list[int], batches: list[list[int]]) -> int:
-    """Label tokens of an accumulation window (all micro-batches of one optimizer step), at least 1:
-    every micro-batch's summed NLL is divided by it."""
-    return max(1, sum(counts[i] for idx in batches for i in idx))
-
-
-def train_trials(base: LoadedModel, specs: list[TrialSpec], data: Encoded, evaluator: Evaluator | None,
-                 hooks: TrialHooks | None = None, progress: bool = True, packed: bool = False) -> list[TrialResult]:
-    hooks = hooks or TrialHooks()
-    if packed:  # all specs in one pass over the base (lora_ablate.packed); K = 1 is the fast single trial
-        from lora_ablate.packed import train_packed
-
-        return train_packed(base, specs, data, evaluator, hooks, progress)
-    return [train_one(base, spec, data, evaluator, hooks, progress) for spec in specs]
+def _then_refills(specs: Sequence[TrialSpec], refill: Callable[[], TrialSpec | None] | None) -> Iterator[TrialSpec]:
+    yield from specs
+    while refill is not None and (spec := refill()) is not None:
+        yield spec
 
 
 def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Evaluator | None,

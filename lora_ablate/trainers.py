@@ -1,0 +1,24 @@
+"""Which training path trains a study's or a command's trials: ``make_trainer`` picks the ``Trainer``.
+
+Pack 1 is the plain peft reference loop (``reference``); a pack of K > 1 is the packed engine
+(``lora_ablate.packed``), imported only then.
+"""
+
+from __future__ import annotations
+
+from lora_ablate.data import Encoded
+from lora_ablate.evaluation import Evaluator
+from lora_ablate.models import LoadedModel
+from lora_ablate.reference import ReferenceTrainer
+from lora_ablate.trial import Trainer, TrialHooks
+
+
+def make_trainer(base: LoadedModel, data: Encoded, evaluator: Evaluator | None, hooks: TrialHooks | None = None, *,
+                 pack: int = 1, compile: bool = False, progress: bool = True) -> Trainer:
+    """A trainer of trials on ``base``: the reference for ``pack`` 1, else the packed engine, which trains
+    the specs it is handed (the caller hands up to ``pack``) in one pack; ``compile`` is for packs only."""
+    if pack <= 1:
+        return ReferenceTrainer(base, data, evaluator, hooks, progress)
+    from lora_ablate.packed import PackedTrainer
+
+    return PackedTrainer(base, data, evaluator, hooks, progress, compile=compile)
