@@ -19,6 +19,7 @@ from lora_ablate.packed.layers import PackedLoraLinear, _features, _parent
 from lora_ablate.packed.layout import _carry, _Layout
 from lora_ablate.packed.slot import Slot, make_slot
 from lora_ablate.packed.step import Steps
+from lora_ablate.packed.varlen import _FlatData
 from lora_ablate.targets import TargetPlan, _linear_modules, plain_head, resolve_targets
 from lora_ablate.trial import TrialResult, TrialSpec
 
@@ -36,13 +37,17 @@ class Pack:
     """
 
     def __init__(self, base: LoadedModel, data: Encoded, lora_dtype: torch.dtype | None, compile: bool,
-                 fused_head: bool = False, graphs: bool = False):
+                 fused_head: bool = False, graphs: bool = False, packing: bool = False):
         self.base, self.model, self.device = base, base.model, base.device
         # the decoder and head weight when the loss may skip the full logits (see packed/loss.py)
         self.head = plain_head(self.model) if fused_head else None
         self.graphs = StepGraphs(base.device) if graphs and base.device.type == "cuda" else None
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
+        # sequence packing (packed/varlen.py): each trial's micro-batch as one row; its 4-D document mask needs SDPA
+        packing = packing and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+        self.flat = _FlatData(data, base.tokenizer.pad_token_id, base.device) if packing else None
+        self.real_tokens = self.computed_tokens = 0  # since the pack began: the padding fraction, cheaply
         self.slots: list[Slot] = []
         self.layout: _Layout | None = None
         self.weights = self.grads = self.exp_avg = self.exp_avg_sq = None  # [K, numel] fp32

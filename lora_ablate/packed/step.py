@@ -21,6 +21,7 @@ from lora_ablate.packed.optim import (
     adamw_single_,
     clip_per_trial_,
 )
+from lora_ablate.packed.varlen import _VarlenPlan
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,16 @@ class Steps:
         if self.graphed:
             self.widths = bucket_widths(self.widths, data.ids.shape[1])
         self.rows = torch.tensor(rows, dtype=torch.long).to(dev)
+        self.host_tokens = [(sum(s.tokens[s.done + j] for s in slots), len(rows[j][0]) * sum(self.widths[j]))
+                            for j in range(self.span)]  # (real, computed) per step
+        self.varlen: _VarlenPlan | None = None
+        if pack.flat is not None:  # the same examples, one concatenated row per trial and micro-batch
+            self.varlen = _VarlenPlan(pack.flat, [[[s.batches[(s.done + j) * s.train.grad_accum + m]
+                                                    if m < s.train.grad_accum else [] for s in slots]
+                                                   for m in range(self.ga)] for j in range(self.span)],
+                                      self.graphed, dev)
+            self.widths = self.varlen.widths
+            self.host_tokens = list(zip(self.varlen.real, self.varlen.computed))
         # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
         self.host_window = [[s.window[s.done + j] for s in slots] for j in range(self.span)]
         self.window = torch.tensor(self.host_window, dtype=torch.float32).to(dev)  # [span, K]
@@ -66,8 +77,8 @@ class Steps:
         table = torch.tensor(host, dtype=torch.float64).to(torch.float32)  # [K, span, 3]
         self.scalars = table.permute(2, 1, 0).contiguous().to(dev)  # [3, span, K]
         if self.graphed:  # what each replay reads: this step's slice of the tables above, copied in
-            self.static = (torch.empty_like(self.rows[0]), torch.empty_like(self.window[0]),
-                           torch.empty_like(self.scalars[:, 0]))
+            self.static = (torch.empty_like(self.rows[0]) if self.varlen is None else self.varlen.static(),
+                           torch.empty_like(self.window[0]), torch.empty_like(self.scalars[:, 0]))
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -75,7 +86,8 @@ class Steps:
         if self.graphed and self._replay():
             self._advance()
             return
-        self._forward_backward(self.rows[self.j], self.widths[self.j], self.window[self.j], self.host_window[self.j])
+        rows = self.rows[self.j] if self.varlen is None else self.varlen.tables[self.j]
+        self._forward_backward(rows, self.widths[self.j], self.window[self.j], self.host_window[self.j])
         self.optimizer_step()
 
     def optimizer_step(self) -> None:
@@ -86,6 +98,9 @@ class Steps:
         self._advance()
 
     def _advance(self) -> None:
+        real, computed = self.host_tokens[self.j]
+        self.pack.real_tokens += real
+        self.pack.computed_tokens += computed
         for s in self.pack.slots:
             s.done += 1
         self.j += 1
@@ -110,15 +125,20 @@ class Steps:
 
     def _micro_batches(self, rows: torch.Tensor, widths: list[int], window: torch.Tensor,
                        host_window: list[float] | None) -> None:
-        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b], ``window`` [K] on the device.
+        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b] (packing: the varlen tables
+        [ga, 3, K, >= width]), ``window`` [K] on the device.
         With ``host_window`` (the same divisors on the host), K = 1 reduces exactly as the single path."""
         pack = self.pack
         K = len(pack.slots)
-        # right padding + causal attention: real tokens never see padding, so no padding mask is needed
-        with _causal_attention(pack.model):
+        # right padding + causal attention: real tokens never see padding, so no padding mask is needed;
+        # packed rows bring their own document mask instead
+        with _causal_attention(pack.model) if self.varlen is None else contextlib.nullcontext():
             for m in range(self.ga):
-                ids, labels = pack.data.batch(rows[m], widths[m])
-                nll = self._nll(ids, labels)
+                if self.varlen is None:
+                    ids, labels, extra = *pack.data.batch(rows[m], widths[m]), {}
+                else:
+                    ids, labels, extra = self.varlen.batch(rows[m], widths[m])
+                nll = self._nll(ids, labels, **extra)
                 # summed NLL over the trial's window tokens (all its micro-batches of this step); a slot with
                 # fewer micro-batches gets filler rows here: loss 0
                 if K == 1 and host_window is not None:  # the single path's reductions, to the bit
@@ -128,15 +148,16 @@ class Steps:
                 loss.sum().backward()
                 pack.running += loss.detach()  # per micro-batch, in the single path's order
 
-    def _nll(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token next-token NLL of the batch (0 where masked)."""
+    def _nll(self, ids: torch.Tensor, labels: torch.Tensor, **extra) -> torch.Tensor:
+        """Per-token next-token NLL of the batch (0 where masked); ``extra``: packed rows' attention_mask and
+        position_ids."""
         pack = self.pack
         if pack.head is not None:
             decoder, weight = pack.head
             # compiled on a GPU whether or not the blocks are: a small graph, and most of the loss's time
-            return head_nll(decoder(input_ids=ids, use_cache=False).last_hidden_state, weight, labels,
+            return head_nll(decoder(input_ids=ids, use_cache=False, **extra).last_hidden_state, weight, labels,
                             compiled=pack.device.type == "cuda")
-        return token_nll(pack.model(input_ids=ids, use_cache=False).logits, labels)[0]
+        return token_nll(pack.model(input_ids=ids, use_cache=False, **extra).logits, labels)[0]
 
     def _clip(self) -> None:
         if not self.clip:
@@ -161,7 +182,10 @@ class Steps:
         """Run this step as a CUDA graph (captured on first use of its widths); False: run it eagerly."""
         key = tuple(self.widths[self.j])
         rows, window, scalars = self.static
-        rows.copy_(self.rows[self.j])
+        if self.varlen is None:
+            rows.copy_(self.rows[self.j])
+        else:
+            self.varlen.load(rows, self.j)
         window.copy_(self.window[self.j])
         scalars.copy_(self.scalars[:, self.j])
         return self.pack.graphs.replay(key, lambda: self._capture(list(key)))

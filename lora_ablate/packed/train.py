@@ -40,7 +40,8 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
                  refill: Callable[[], TrialSpec | None] | None = None,
                  on_result: Callable[[TrialResult], None] | None = None,
                  compile: bool = False, lora_dtype: torch.dtype | None = None,
-                 fused_head: bool | None = None, cuda_graphs: bool | None = None) -> list[TrialResult]:
+                 fused_head: bool | None = None, cuda_graphs: bool | None = None,
+                 packing: bool | None = None) -> list[TrialResult]:
     """Train ``specs`` together in one pack; one TrialResult per trial, in the order trials joined.
 
     ``refill()`` is asked for a new spec whenever a trial leaves the pack (finished, failed, pruned), and
@@ -52,7 +53,9 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     ``fused_head`` computes the training loss from the final hidden states in chunks, never holding the
     full logits (packed/loss.py; architectures with a plain LM head only), and ``cuda_graphs`` replays each
     training step as one CUDA graph (packed/pack.py); both default to on for a CUDA base and off elsewhere,
-    where the eager reference path is kept bit for bit.
+    where the eager reference path is kept bit for bit. ``packing`` concatenates each trial's examples of
+    a micro-batch into one row under a document mask, so a step costs about its real tokens
+    (packed/varlen.py; SDPA models only); default on for a CUDA base, off elsewhere.
     """
     hooks = hooks or TrialHooks()
     if not specs:
@@ -65,7 +68,8 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
                  # checkpointing saves and restores the RNG state and bitsandbytes' kernels sync with the
                  # host, neither of which a graph capture allows
                  graphs=(cuda and not checkpointing and base.quantization == "none") if cuda_graphs is None
-                 else cuda_graphs)
+                 else cuda_graphs,
+                 packing=cuda if packing is None else packing)
     if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
