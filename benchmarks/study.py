@@ -58,7 +58,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # lora_ablate from this checkout; throughput.py
 POOL = ROOT.parent / "shared" / "data" / "t0_pool.jsonl.gz"
 SETS = ("heldout_instances", "heldout_tasks")
 
