@@ -185,7 +185,8 @@ class StudyConfig:
     objective: str = _f("heldout_instances/nll", "held-out metric to optimise, <set>/<metric>")
     direction: str = _f("auto", "minimize, maximize, or auto (from the metric: nll/ppl down, scores up)")
     pruner: str = _f("none", "prune on intermediate held-out loss: none, median, hyperband")
-    pack: str = _f("1", "trials trained together in one pass over the base: a number or auto")
+    pack: str = _f("auto", "trials trained together in one pass over the base (the packed engine): auto = as "
+                           "many as fit on a GPU, and on a CPU 1, the plain peft reference loop; or a number")
     compile: str = _f("auto", "torch.compile the model's blocks in packed training (about 2x faster steps on a "
                               "GPU after a one-off compilation): auto (on a GPU), true, false")
     workspace: str = _f(DEFAULT_WORKSPACE, f"folder of the embedded stores: {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/")

@@ -1,6 +1,6 @@
 """Which training path trains a study's or a command's trials: ``make_trainer`` picks the ``Trainer``.
 
-Pack 1 is the plain peft reference loop (``reference``); a pack of K > 1 is the packed engine
+Pack 1 is the plain peft reference loop (``reference``) unless ``fast``; a pack of K > 1 is the packed engine
 (``lora_ablate.packed``), imported only then.
 """
 
@@ -14,10 +14,11 @@ from lora_ablate.trial import Trainer, TrialHooks
 
 
 def make_trainer(base: LoadedModel, data: Encoded, evaluator: Evaluator | None, hooks: TrialHooks | None = None, *,
-                 pack: int = 1, compile: bool = False, progress: bool = True) -> Trainer:
+                 pack: int = 1, compile: bool = False, progress: bool = True, fast: bool = False) -> Trainer:
     """A trainer of trials on ``base``: the reference for ``pack`` 1, else the packed engine, which trains
-    the specs it is handed (the caller hands up to ``pack``) in one pack; ``compile`` is for packs only."""
-    if pack <= 1:
+    the specs it is handed (the caller hands up to ``pack``) in one pack; ``fast`` takes the packed engine
+    for a pack of 1 too (the fast single trial); ``compile`` is for the packed engine only."""
+    if pack <= 1 and not fast:
         return ReferenceTrainer(base, data, evaluator, hooks, progress)
     from lora_ablate.packed import PackedTrainer
 

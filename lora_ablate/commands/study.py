@@ -211,7 +211,7 @@ def register(sub) -> None:
     s.add_argument("--study-name", help="study name (default <space>-<model>)")
     s.add_argument("--objective", help="held-out metric to optimise, <set>/<metric> (default heldout_instances/nll)")
     s.add_argument("--pruner", help="prune on intermediate held-out loss: none, median, hyperband (needs eval.every)")
-    s.add_argument("--pack", help="trials per pass over the base: K or auto (default 1)")
+    s.add_argument("--pack", help="trials per pass over the base: K, or auto (default: what fits on a GPU; 1 on a CPU)")
     s.add_argument("--no-tracking", action="store_true", help="do not record in MLflow")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")

@@ -30,7 +30,11 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
     with run:
         report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
         spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")
-        result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress).train([spec])[0]
+        # on a GPU the fast path (packed engine, one trial: CUDA graphs, chunked loss, packing); the plain peft
+        # loop on a CPU or with study.pack=1, the reference
+        fast = base.device.type == "cuda" and exp.study.pack != "1"
+        result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress, pack=1, fast=fast,
+                              compile=exp.study.compiles(fast)).train([spec])[0]
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
         run.yaml("config.yaml", exp.to_dict())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_ablate.evaluation import EvalReport, Evaluator, left_padded, token_nll
+from lora_ablate.evaluation import EvalReport, Evaluator, answer, left_padded, token_nll
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
 
@@ -65,10 +65,10 @@ def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: s
     model.eval()
     try:
         for group in _eval_groups(pack, slots, cfg.batch_size, factor=GENERATE_ROWS):
-            g, preds = len(group), [[] for _ in group]
+            g, preds = len(group), [[""] * len(prompts) for _ in group]
             with pack.selected(group):
-                for start in range(0, len(prompts), cfg.batch_size):
-                    chunk = prompts[start:start + cfg.batch_size]
+                for idx in evaluator.generation_chunks(name, pack.device, copies=g):
+                    chunk = [prompts[i] for i in idx]
                     ids, mask = left_padded(chunk, tok.pad_token_id)
                     width = ids.shape[1]
                     gen = model.generate(input_ids=ids.repeat(g, 1).to(pack.device),
@@ -77,8 +77,8 @@ def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: s
                                          eos_token_id=tok.eos_token_id)
                     rows = gen[:, width:].view(g, len(chunk), -1)
                     for k in range(g):
-                        preds[k] += [tok.decode(row, skip_special_tokens=True).split("###")[0].strip()
-                                     for row in rows[k]]
+                        for i, row in zip(idx, rows[k]):
+                            preds[k][i] = answer(tok, row)
             out += preds
     finally:
         model.train()

@@ -110,8 +110,10 @@ class StudyRunner:
         self.report, self.budget, self.asked = report, budget, 0
         ctx = self.ctx
         hooks = Hooks(self.flying, self.tracker, self.objective, self.exp.study.pruner != "none")
+        cuda = ctx.base.device.type == "cuda"
+        # study.pack=1 is the reference loop; auto on a GPU is the packed engine even if only one trial fits
         trainer = make_trainer(ctx.base, ctx.train, ctx.evaluator, hooks, pack=pack, progress=self.progress,
-                               compile=self.exp.study.compiles(ctx.base.device.type == "cuda"))
+                               fast=cuda and self.exp.study.pack == "auto", compile=self.exp.study.compiles(cuda))
         self.bar = Progress(self.study.study_name, budget, self.objective, self.progress)
         try:
             with heartbeat.Heartbeat(self.storage) as self.beats:
@@ -269,9 +271,12 @@ class StudyRunner:
         return build_context(self.exp, targets=self.space.target_sets() or None)
 
     def _pack_size(self) -> int:
-        """study.pack, or for auto what the packed engine measures fits (a few trials on a CPU)."""
+        """study.pack, or for auto what the packed engine measures fits on a GPU; on a CPU auto is 1, the
+        reference loop (the packed engine's CPU step is the reference arithmetic, with little to gain)."""
         if self.exp.study.pack != "auto":
             return int(self.exp.study.pack)
+        if self.ctx.base.device.type != "cuda":
+            return 1
         from lora_ablate.packed import auto_pack_size
 
         return auto_pack_size(self.ctx.base, self._largest_trials(), self.ctx.train)
