@@ -260,10 +260,10 @@ def baseline_worker(spec_path: Path, out_path: Path) -> None:
 
     from lora_ablate.config import build_experiment
     from lora_ablate.data import encode_all, load_eval_set, load_examples, prompt_ids
-    from lora_ablate.trial import peft_config
     from lora_ablate.metrics import score
     from lora_ablate.models import load_base
     from lora_ablate.targets import resolve_targets
+    from lora_ablate.trial import peft_config
 
     trials = json.loads(spec_path.read_text())
     exps = [build_experiment(yaml.safe_load(t["config"])) for t in trials]
