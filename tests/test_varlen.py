@@ -60,43 +60,33 @@ def mixed(base):
     return Encoded(ids, labels)
 
 
-@pytest.mark.parametrize("row", [None, 64], ids=["rows-of-512", "rows-of-64"])
-def test_packed_rows_give_the_padded_per_token_nll(base, mixed, row):
+def test_packed_rows_give_the_padded_per_token_nll(base, mixed):
     """Two trials' micro-batches of very short and very long examples as packed rows: every example's
-    per-token NLL is the padded batch's (to 1e-5), wherever in its trial's rows it was placed; an
-    example's last token predicts nothing; rows are trial-major and no wider than their fullest row."""
+    per-token NLL is the padded batch's (to 1e-5); an example's last token predicts nothing."""
     pad = base.tokenizer.pad_token_id
     trials = [[0, 1, 2, 3, 6], [5, 9, 12, 2]]  # short, long, longest, short, ... and one trial fewer
     flat = _FlatData(mixed, pad, torch.device("cpu"))
-    plan = _VarlenPlan(flat, [[trials]], False, torch.device("cpu"), row=row)
-    R, width = plan.widths[0][0]
-    lengths = [len(x) for x in mixed.input_ids]
-    most = max(sum(lengths[i] for i in ex) for ex in trials)
-    assert width % WIDTH == 0 and width < most + WIDTH and R * width >= most
-    ids, labels, extra = plan.batch(plan.tables[0][0], (R, width))
-    assert ids.shape == (len(trials) * R, width)
+    plan = _VarlenPlan(flat, [[trials]], False, torch.device("cpu"))
+    width = plan.widths[0][0]
+    assert width % WIDTH == 0 and width >= max(sum(len(mixed.input_ids[i]) for i in ex) for ex in trials)
+    ids, labels, extra = plan.batch(plan.tables[0][0], width)
     with torch.no_grad():
         packed, _ = token_nll(base.model(input_ids=ids, use_cache=False, **extra).logits, labels)
-    index = plan.tables[0][0][0, :, :width]
     for k, ex in enumerate(trials):
         batch = mixed.batch(ex, pad)
         with torch.no_grad():  # right padding + causal: the pack's padded path
             ref, mask = token_nll(base.model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
-        mine = index[k * R:(k + 1) * R]  # trial k's rows only
-        for row_i, i in enumerate(ex):
-            n, start = lengths[i], int(flat.starts[i])
-            where = ((mine >= start) & (mine < start + n)).nonzero()
-            assert len(where) == n and len(set(where[:, 0].tolist())) == 1  # whole, in one row
-            r, c = int(where[0, 0]), int(where[0, 1])
-            assert torch.equal(ids[k * R + r, c:c + n], torch.tensor(mixed.input_ids[i]))
-            got = packed[k * R + r, c:c + n - 1]
-            torch.testing.assert_close(got, ref[row_i, :n - 1], rtol=1e-5, atol=1e-5)
-            assert not got[~mask[row_i, :n - 1]].any()
-            if c + n - 1 < packed.shape[1]:
-                assert packed[k * R + r, c + n - 1] == 0  # the next example's first token is no target
-        real = sum(lengths[i] for i in ex)
-        assert int((labels[k * R:(k + 1) * R] != IGNORE).sum()) <= real
-        assert int(packed[k * R:(k + 1) * R].ne(0).sum()) <= real
+        offset = 0
+        for row, i in enumerate(ex):
+            n = len(mixed.input_ids[i])
+            assert torch.equal(ids[k, offset:offset + n], torch.tensor(mixed.input_ids[i]))
+            got = packed[k, offset:offset + n - 1]
+            torch.testing.assert_close(got, ref[row, :n - 1], rtol=1e-5, atol=1e-5)
+            assert not got[~mask[row, :n - 1]].any()
+            if offset + n - 1 < packed.shape[1]:
+                assert packed[k, offset + n - 1] == 0  # the next example's first token is no target
+            offset += n
+        assert not packed[k, offset:].any() and (labels[k, offset:] == IGNORE).all()
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +128,9 @@ SAME_ORDER = [spec("q-r2", r=2, targets=("q",), seed=1), spec("kv-r8", r=8, targ
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("specs", [MIXED, SAME_ORDER], ids=["mixed", "same-order"])
 def test_packed_steps_compute_about_their_real_tokens(base, mixed, packing, specs):
-    """With packing, each micro-batch's rows are as wide as the fullest row rounded up to WIDTH (one row per
-    trial while a trial's examples fit in ROW tokens), so trials that see equally long rows cost their real
-    tokens plus at most WIDTH each per row; the pack counts real and computed tokens. Unpacked, a third or
-    more of the same steps is padding."""
+    """With packing, each micro-batch is as wide as its longest trial row rounded up to WIDTH, so trials
+    that see equally long rows cost their real tokens plus at most WIDTH each; the pack counts real and
+    computed tokens. Unpacked, a third or more of the same steps is padding."""
     pack = Pack(base, mixed, None, False, packing=packing)
     try:
         slots = [pack.new_slot(pack.new_result(s)) for s in specs]
@@ -153,13 +142,9 @@ def test_packed_steps_compute_about_their_real_tokens(base, mixed, packing, spec
             for m in range(steps.ga):
                 rows = _row_tokens(pack, j, m)
                 if packing:
-                    R, width = steps.widths[j][m]
-                    if R == 1:  # one row per trial: as wide as the longest trial's examples, rounded up
-                        assert width < max(max(rows), 2) + WIDTH
-                        if specs is SAME_ORDER:
-                            assert K * width <= sum(rows) + WIDTH * K
-                    else:  # split rows: together they hold the fullest trial, each narrower than it
-                        assert width < max(rows) + WIDTH and R * width >= max(rows)
+                    assert steps.widths[j][m] < max(max(rows), 2) + WIDTH
+                    if specs is SAME_ORDER:
+                        assert K * steps.widths[j][m] <= sum(rows) + WIDTH * K
         for _ in range(3):
             pack.step()
         real, computed = pack.real_tokens, pack.computed_tokens
