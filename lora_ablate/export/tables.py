@@ -165,7 +165,7 @@ def _legend(study: Study, metrics: list[str], marked: bool) -> str:
 def _base_note(study: Study, metrics: list[str]) -> str:
     if not any(m in study.base for m in metrics):
         return ""
-    return f" The {BASE_LABEL} row is the base model without an adapter, evaluated once per study."
+    return f" The {BASE_LABEL} row: no adapter, evaluated once per study (the reference the rows improve on)."
 
 
 def group_table(study: Study, frame: pd.DataFrame, axes: list[ResultAxis], metrics: list[str], name: str,
