@@ -208,6 +208,9 @@ def load_eval_set(name: str, size: int, seed: int) -> EvalSet:
         source = spec["source"]
         if not source.startswith(("builtin:", "hf:")) and not Path(source).is_absolute():
             source = str((evals_dir().parent / source).resolve())
+            if not Path(source).exists():  # a file outside the clone: say how to get it, not just "missing"
+                how = spec.get("provide") or f"put the file there or drop {name} from eval.sets"
+                raise UserError(f"held-out set {name!r} reads {source}, which is missing: {how}")
         n = size or int(spec.get("size", 0))
         examples = load_examples(source, spec.get("fields"), n, seed, spec.get("format", ""))
         return EvalSet(name, tuple(examples), spec.get("description", ""))

@@ -57,6 +57,8 @@ class Evaluator:
 
     def __init__(self, sets: list[EvalSet], tokenizer, data: DataConfig, cfg: EvalConfig):
         self.sets, self.tokenizer, self.cfg = sets, tokenizer, cfg
+        self.progress = False  # a bar over a whole run()'s batches and generate calls; the CLI sets it
+        self._bar = None
         self.encoded = {s.name: encode_all(s.examples, tokenizer, data.template, data.max_length) for s in sets}
         # generation prompts leave room for the answer inside the model's context budget
         budget = max(8, data.max_length - cfg.max_new_tokens)
@@ -79,6 +81,7 @@ class Evaluator:
                 tok_nll, mask = token_nll(logits, b["labels"])
                 per_ex += (tok_nll.sum(1) / mask.sum(1).clamp(min=1)).tolist()
                 counts += mask.sum(1).tolist()
+                self.tick(f"{s.name} NLL")
             total = sum(n * c for n, c in zip(per_ex, counts)) / max(1, sum(counts))
             out[s.name] = (total, per_ex, counts)
         model.train(was_training)
@@ -100,6 +103,7 @@ class Evaluator:
                                  eos_token_id=tok.eos_token_id)
             for i, row in zip(idx, gen[:, width:]):
                 preds[i] = answer(tok, row)
+            self.tick(f"{name} generation")
         model.train(was_training)
         return preds
 
@@ -114,12 +118,29 @@ class Evaluator:
             size = max(size, GPU_GENERATE_ROWS // max(1, copies))
         return [order[i:i + size] for i in range(0, len(order), size)]
 
+    def tick(self, what: str) -> None:
+        """One batch or generate call done (a no-op outside a run() with progress on)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+
     def run(self, model, device, generate: bool | None = None) -> EvalReport:
+        from tqdm.auto import tqdm
+
         generate = self.cfg.generate if generate is None else generate
         report = EvalReport()
-        nlls = self.nll(model, device)
-        for s in self.sets:
-            report.add(s, nlls[s.name], self.generate(model, device, s.name) if generate else None)
+        steps = sum(-(-len(self.encoded[s.name]) // self.cfg.batch_size)
+                    + (len(self.generation_chunks(s.name, device, 1)) if generate else 0) for s in self.sets)
+        examples = sum(len(s.examples) for s in self.sets)
+        self._bar = tqdm(total=steps, desc=f"eval {len(self.sets)} sets, {examples} examples", unit="batch",
+                         disable=not self.progress, leave=False, mininterval=1.0)
+        try:
+            nlls = self.nll(model, device)
+            for s in self.sets:
+                report.add(s, nlls[s.name], self.generate(model, device, s.name) if generate else None)
+        finally:
+            self._bar.close()
+            self._bar = None
         return report
 
 

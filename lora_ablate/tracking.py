@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from lora_ablate.config import Experiment
-from lora_ablate.vocab import State
+from lora_ablate.vocab import SEED_PARAM, State, format_value
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
@@ -36,6 +36,12 @@ _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 # transaction per trial per log step, a pack of 21 trials trained at 86 ms a step through the CLI on an H200
 # with the sqlite store, 52.5 ms with these batches.
 FLUSH_SECONDS = 10.0
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, none here); this value is
+# the "Machine learning" kind of its UI, which opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The objective's value under one name in every study, so the UI's charts and a runs-table column can
+# open on it whatever the study optimises (the tag lora_ablate.objective says which metric it is).
+OBJECTIVE_METRIC = "objective"
 
 
 @dataclass
@@ -66,10 +72,19 @@ class TrialRecord:
     wall_s: float = 0.0
 
 
-def trial_params(exp: Experiment, params: dict) -> dict[str, str]:
-    """The documented top-level params, then the whole resolved config as ``cfg.<section>.<key>``."""
+def run_name(params: dict, axes: tuple[str, ...], number: int) -> str:
+    """``r=8 seed=0``, ``targets=q,v r=8 seed=1``: what tells a trial from its study's others, as the
+    runs table lists them; ``trial-<n>`` when the study recorded no axes."""
+    shown = [k for k in axes if k in params] + [k for k in (SEED_PARAM,) if k in params and k not in axes]
+    return " ".join(f"{k}={format_value(params[k])}" for k in shown) or f"trial-{number}"
+
+
+def trial_params(exp: Experiment, params: dict, axes: tuple[str, ...] = ()) -> dict[str, str]:
+    """The study's axes first (the UI lists params in logging order where it keeps one), then the
+    documented top-level params, then the whole resolved config as ``cfg.<section>.<key>``."""
     lora, train = exp.lora, exp.train
-    out = {"r": lora.r, "alpha": lora.lora_alpha, "alpha_rule": lora.alpha_rule, "scaling": lora.scaling,
+    out = {k: params[k] for k in axes if k in params}
+    out |= {"r": lora.r, "alpha": lora.lora_alpha, "alpha_rule": lora.alpha_rule, "scaling": lora.scaling,
            "lr": train.lr, "targets": ",".join(lora.targets), "seed": train.seed, "steps": train.steps}
     # a space may vary other settings (dropout, warmup, ...): their Optuna names are params too
     out.update({k: v for k, v in params.items() if k not in out})
@@ -126,6 +141,8 @@ class MlflowTracker(Tracker):
         self.parent_id = ""
         self.study = ""
         self.storage = ""
+        self.axes: tuple[str, ...] = ()
+        self.objective = ""
         self._staging: dict[str, Path] = {}
         self._pending: dict[str, list] = {}  # run id -> step metrics not written yet
         self._flushed: dict[str, float] = {}  # run id -> clock() of its last write
@@ -150,6 +167,9 @@ class MlflowTracker(Tracker):
         if found is not None:
             if found.lifecycle_stage == LifecycleStage.DELETED:
                 self.client.restore_experiment(found.experiment_id)
+            for k, v in EXPERIMENT_KIND.items():  # a study tracked before the tag existed gets it too
+                if found.tags.get(k) != v:
+                    self.client.set_experiment_tag(found.experiment_id, k, v)
             return found.experiment_id
         location = None
         if self.artifacts is not None:
@@ -162,7 +182,9 @@ class MlflowTracker(Tracker):
 
         env = environment()
         self.study, self.storage = info.name, info.storage
-        self.experiment_id = self._experiment(info.name, {f"{TAG}space": info.space})
+        self.axes = info.axes
+        self.objective = info.objective
+        self.experiment_id = self._experiment(info.name, {f"{TAG}space": info.space, **EXPERIMENT_KIND})
         tags = {f"{TAG}kind": "study", f"{TAG}study": info.name, f"{TAG}space": info.space,
                 f"{TAG}model": info.exp.model.name, f"{TAG}model_source": info.model_source,
                 f"{TAG}data": info.exp.data.train, f"{TAG}git_sha": env["git_sha"] or "unknown",
@@ -187,9 +209,10 @@ class MlflowTracker(Tracker):
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, f"{TAG}kind": "trial", f"{TAG}study": self.study,
                 f"{TAG}trial_number": str(trial.number), f"{TAG}state": State.RUNNING,
                 f"{TAG}config_key": trial.config_key, f"{TAG}optuna_storage": self.storage}
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{trial.number}")
+        run = self.client.create_run(self.experiment_id, tags=tags,
+                                     run_name=run_name(trial.params, self.axes, trial.number))
         run_id = run.info.run_id
-        params = trial_params(trial.exp, trial.params) if trial.exp is not None else trial.params
+        params = trial_params(trial.exp, trial.params, self.axes) if trial.exp is not None else trial.params
         self._params(run_id, {k: str(v) for k, v in params.items()})
         return run_id
 
@@ -227,6 +250,8 @@ class MlflowTracker(Tracker):
                     metrics["peak_mem_mb"] = r.peak_mem_mb
                 if r.final is not None:
                     metrics.update(r.final.flat("final/"))
+                    if self.objective in r.final.flat():
+                        metrics[OBJECTIVE_METRIC] = r.final.flat()[self.objective]
                     _jsonl(staging / "scores.jsonl", r.final.examples)
                 _jsonl(staging / "history.jsonl", [{"kind": "train", **h} for h in r.history]
                        + [{"kind": "eval", **e} for e in r.evals])

@@ -332,8 +332,12 @@ def test_axis_table_pools_every_trial_of_a_rank(store, exported):
             assert int(row["n"]) == n == int(row[f"{metric} n"])
             for col, want in (("mean", mean), ("std", std), ("ci_low", lo), ("ci_high", hi)):
                 assert _close(row[f"{metric} {col}"], want), (r, metric, col)
-        assert float(row["wall_s_mean"]) == pytest.approx(np.mean([store["values"][k]["wall_s"] for k in keys]))
     assert int(rows[64]["n"]) == 4  # 6 trials, one failed and one pruned
+    # wall time is a resource of a shared machine, not a result: its own table, by configuration
+    assert "wall_s_mean" not in rows[64]
+    for row in _csv(exported / "csv" / "resources.csv"):
+        keys = [k for k in store["values"] if k[:2] == (int(row["r"]), row["targets"])]
+        assert float(row["wall_s_mean"]) == pytest.approx(np.mean([store["values"][k]["wall_s"] for k in keys]))
 
 
 def test_configuration_table_and_single_seed_cell(store, exported):
@@ -645,3 +649,86 @@ def test_export_and_the_shared_vocabulary_import_no_torch():
             "lora_ablate.export.plots, lora_ablate.export.html_report, lora_ablate.tracking, "
             "lora_ablate.vocab, lora_ablate.workspace; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- one number, one meaning
+
+
+def build_weighted_study(client, tmp, name="weighted"):
+    """Ranks 16 and 64, 2 seeds, examples of 1 to 6 tokens, the parent holding the base model's metrics;
+    each final NLL is its scores' token-weighted mean, as the evaluation logs it."""
+    exp_id = client.create_experiment(name, artifact_location=(tmp / "artifacts" / name).as_uri())
+    parent = client.create_run(exp_id, tags={"lora_ablate.kind": "study", "lora_ablate.axes": "r",
+                                             "lora_ablate.objective": "heldout_instances/nll"}).info.run_id
+    from mlflow.entities import Metric
+
+    client.log_batch(parent, metrics=[Metric("base/heldout_instances/nll", 2.5, 0, 0),
+                                      Metric("base/heldout_instances/exact_match", 0.0, 0, 0)])
+    tokens = np.arange(1, 7)
+    number = 0
+    for r in (16, 64):
+        for seed in (0, 1):
+            # short examples are hard for r=16: its unweighted mean is far from the weighted one
+            nll = np.where(tokens < 3, 3.0, 0.5) + (0.1 if r == 16 else 0.2) + 0.01 * seed
+            scores = [{"set": "heldout_instances", "idx": i, "nll": float(nll[i]), "tokens": int(tokens[i]),
+                       "exact_match": float(i % 2)} for i in range(len(tokens))]
+            final = {"final/heldout_instances/nll": float((nll * tokens).sum() / tokens.sum()),
+                     "final/heldout_instances/exact_match": 0.5, "final/heldout_instances/n": len(tokens)}
+            _write_trial(client, exp_id, parent, number, {"r": r, "targets": "q,v", "seed": seed, "lr": 1e-3},
+                         [(k, v, 0) for k, v in final.items()], {"lora_ablate.state": "COMPLETE"}, "FINISHED",
+                         scores, tmp)
+            number += 1
+
+
+def test_compare_headline_is_the_table_cell(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    build_weighted_study(MlflowClient(tracking_uri=uri), tmp_path)
+    out = export("weighted", tmp_path / "out", "md,csv", tracking_uri=uri)
+    rows = {row["r"]: row for row in _csv(out / "csv" / "axis_r.csv")}
+    c = compare("weighted", "r=16", "r=64", tracking_uri=uri, n_boot=500)
+    assert c.token_weighted
+    assert c.mean_a == pytest.approx(float(rows["16"]["heldout_instances/nll mean"]), abs=1e-12)
+    assert c.mean_b == pytest.approx(float(rows["64"]["heldout_instances/nll mean"]), abs=1e-12)
+    assert c.delta == pytest.approx(c.mean_b - c.mean_a, abs=1e-12)
+    assert main(["compare", "--study", "weighted", "--tracking-uri", uri, "--a", "r=16", "--b", "r=64",
+                 "--n-boot", "200"]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    cell = next(ln for ln in md.splitlines() if ln.startswith("| 16 |")).split("|")[4].strip("* ")
+    assert cell.split()[0] == f"{c.mean_a:.3f}" and f"mean {c.mean_a:.4f} (r=16)" in printed
+
+
+def test_tables_lead_with_the_base_model_and_mark_ties(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    build_weighted_study(MlflowClient(tracking_uri=uri), tmp_path)
+    study = open_study("weighted", tracking_uri=uri)
+    assert study.base == {"heldout_instances/nll": 2.5, "heldout_instances/exact_match": 0.0}
+    t = build_tables(study, ["heldout_instances/nll", "heldout_instances/exact_match"])[0]
+    assert t.cells[0][:4] == ["base model", "–", "0", "2.500"] and "base model" in t.caption
+    assert t.data.iloc[0]["r"] == "base model"
+    # exact match is 0.5 for both ranks: a tie, so no best; r=16 beats r=64 on NLL by 0.1 in every seed
+    # and example, so the interval of the difference excludes 0 and r=64 carries no mark
+    assert (1, 4) not in t.bold and (2, 4) not in t.bold and (1, 3) in t.bold
+    assert not any("†" in c for row in t.cells for c in row)
+
+
+def test_a_difference_inside_the_interval_is_marked():
+    import pandas as pd
+
+    from lora_ablate.export.tables import near_best
+    from lora_ablate.export.tracked import Study
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for g, shift in enumerate((0.0, 0.001, 1.0)):
+        noise = rng.normal(0, 0.5, size=20)
+        rows += [{"set": "s", "idx": i, "nll": 2 + shift + noise[i], "tokens": 3, "run_id": f"g{g}", "seed": 0}
+                 for i in range(20)]
+    study = Study("s", "", "1", {}, pd.DataFrame())
+    study.__dict__["example_scores"] = pd.DataFrame(rows)  # the cached property, without a store
+    groups = [pd.DataFrame({"run_id": [f"g{g}"]}) for g in range(3)]
+    assert near_best(study, groups, {0}, "s/nll") == {1}

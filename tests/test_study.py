@@ -527,3 +527,19 @@ def test_sigterm_ends_a_study_like_ctrl_c():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the signal arrives before this ends
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_first_trial_prints_an_estimate_of_the_time_left(capsys):
+    from lora_ablate.study.outcomes import Progress, TrialOutcome, remaining_line
+    from lora_ablate.study.settings import Objective
+
+    assert remaining_line(120.0, 1, 6) == "estimated time left: about 10 min for 5 more trials (2 min a trial so far)"
+    assert remaining_line(5.0, 1, 1) == ""
+    now = iter([0.0, 30.0, 60.0])
+    bar = Progress("s", 3, Objective("heldout_instances", "nll", "minimize"), True, clock=lambda: next(now))
+    for n in range(2):
+        bar.told(TrialOutcome(n, {"r": 4}, "COMPLETE", 1.5), 1.5)
+    bar.close()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("estimated time left") == 1 and "about 60 s for 2 more trials" in text

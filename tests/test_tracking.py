@@ -91,7 +91,15 @@ def test_one_parent_and_a_nested_run_per_trial(rank_study):
     assert artifacts(client, parent.info.run_id) == {"base_scores.jsonl"}
 
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
-    assert sorted(r.info.run_name for r in trials) == sorted(f"trial-{o.number}" for o in report.outcomes)
+    # named by what differs between them (the axis, then the seed), not by a trial number
+    assert sorted(r.info.run_name for r in trials) == sorted(f"r={o.params['r']} seed={o.params['seed']}"
+                                                              for o in report.outcomes)
+    # MLflow 3 opens a tagged experiment on its runs, not on the GenAI traces view
+    assert experiment_.tags["mlflow.experimentKind"] == "custom_model_development"
+    for r in trials:
+        assert r.data.metrics["objective"] == r.data.metrics["final/heldout_instances/nll"]
+    study = optuna.load_study(study_name=report.name, storage=open_storage(storage_url(exp)))
+    assert study.metric_names == ["heldout_instances/nll"]
 
 
 def test_trial_runs_hold_the_documented_params_metrics_tags_and_artifacts(rank_study):
@@ -175,6 +183,16 @@ def test_trial_params_are_stable_and_redact_secrets(make_exp):
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
+def test_trial_runs_lead_with_the_study_axes(make_exp):
+    from lora_ablate.tracking import run_name
+
+    exp = make_exp(lora={"r": 4, "dropout": 0.1})
+    params = trial_params(exp, {"r": 4, "seed": 0, "dropout": 0.1}, axes=("dropout", "r"))
+    assert list(params)[:2] == ["dropout", "r"] and list(params)[-1].startswith("cfg.")
+    assert run_name({"targets": "q,v", "r": 8, "seed": 1}, ("targets", "r"), 3) == "targets=q,v r=8 seed=1"
+    assert run_name({"seed": 0}, (), 5) == "seed=0" and run_name({}, (), 5) == "trial-5"
+
+
 def test_a_trial_config_artifact_keeps_no_store_password(make_exp, tmp_path):
     """config.yaml next to the adapter is the resolved config with the store URLs' passwords masked, as in
     the params."""
@@ -206,7 +224,8 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     _, parents, _ = runs_of(client, report.name)
     assert parents[0].data.tags["lora_ablate.axes"] == "r"
     summary, _ = _exported(report.name, exp.study.workspace, tmp_path / "rank")
-    assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r"]
+    # resources (throughput, time) have their own table since wall time left the results
+    assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r", "resources"]
 
     ws = tmp_path / "budget"
     budget_exp = experiment(BUDGET3, ws, eval={"generate": False, "base": False})
@@ -217,7 +236,7 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     assert sorted((t.data.params["targets"], t.data.params["r"]) for t in trials) == [
         ("o", "4"), ("q", "4"), ("q,o", "2")]
     summary, md = _exported(budget.name, ws, tmp_path / "budget-export")
-    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets"]
+    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets", "resources"]
     assert f"{budget.name}: by targets" in md and "by rank r" not in md
     assert not any(p.startswith("rank_") for p in summary["plots"])
 

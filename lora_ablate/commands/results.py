@@ -134,35 +134,8 @@ class Comparison:
     pairing: str
     n_boot: int
     seed: int
+    token_weighted: bool  # nll: examples weighted by their tokens, as the logged set NLL
     sentence: str
-
-
-def pair_scores(scores_a: pd.DataFrame, scores_b: pd.DataFrame, set_name: str, metric: str):
-    """Per-example score matrices ``(A, B, seeds, pairing)`` with rows = seeds, columns = examples.
-
-    Rows pair by seed where both sides ran the same seeds (same data order and init stream); without a
-    common seed each side is averaged over its own seeds per example and only examples pair.
-    Columns are the examples present in every row of both sides.
-    """
-    mats = []
-    for side in (scores_a, scores_b):
-        rows = side[side["set"] == set_name]
-        if metric not in rows or rows[metric].isna().all():
-            have = [c for c in ("nll", "exact_match", "rouge_l") if c in side and side[c].notna().any()]
-            raise UserError(f"no per-example {metric!r} in the scores.jsonl of {set_name!r}; per-example "
-                            f"metrics there: {choices(have) or '(none)'}")
-        mats.append(rows.pivot_table(index="seed", columns="idx", values=metric, aggfunc="mean"))
-    a, b = mats
-    common = sorted(set(a.index) & set(b.index))
-    if common:
-        a, b, pairing = a.loc[common], b.loc[common], f"paired by seed ({len(common)} common)"
-    else:
-        pairing = f"seeds unpaired: per-example means over {len(a)} and {len(b)} seeds"
-        a, b = a.mean().to_frame().T, b.mean().to_frame().T
-    cols = a.columns[a.notna().all()].intersection(b.columns[b.notna().all()])
-    if len(cols) == 0:
-        raise UserError(f"the two configurations share no scored example of {set_name!r}")
-    return a[cols].to_numpy(float), b[cols].to_numpy(float), common, pairing
 
 
 def _labels(cfg_a: dict, cfg_b: dict) -> tuple[str, str]:
@@ -200,7 +173,8 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
             confidence: float = 0.95) -> Comparison:
     """Difference ``b - a`` of a held-out metric with a paired bootstrap CI and p-value, over the
     per-example scores of both configurations' seeds; printed as one plain sentence."""
-    from lora_ablate.export.stats import paired_bootstrap
+    from lora_ablate.export.paired import pair_scores
+    from lora_ablate.export.stats import paired_bootstrap, weighted_mean
     from lora_ablate.export.tables import METRIC_WORDS
     from lora_ablate.export.tracked import open_study
 
@@ -219,8 +193,8 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
     scores["seed"] = scores["run_id"].map(seeds)
     side_a = scores[scores["run_id"].isin(rows_a["run_id"])]
     side_b = scores[scores["run_id"].isin(rows_b["run_id"])]
-    A, B, common, pairing = pair_scores(side_a, side_b, set_name, name)
-    res = paired_bootstrap(A, B, n_boot=n_boot, seed=seed, confidence=confidence)
+    p = pair_scores(side_a, side_b, set_name, name)
+    res = paired_bootstrap(p.a, p.b, n_boot=n_boot, seed=seed, confidence=confidence, weights=p.weights)
     label_a, label_b = _labels(cfg_a, cfg_b)
     words = METRIC_WORDS.get(name, name.replace("_", " "))
     if res.delta == 0:
@@ -231,12 +205,14 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
         # state the interval in the sentence's own direction ("0.03 lower (CI 0.01 to 0.05)")
         lo, hi = (res.ci_low, res.ci_high) if higher else (-res.ci_high, -res.ci_low)
         head = f"{label_b} scores {abs(res.delta):.3f} {'higher' if higher else 'lower'} {words} than {label_a}"
-    size = (f"{res.n_seeds} seed{'s' if res.n_seeds != 1 else ''} x {res.n_examples} examples" if common
+    size = (f"{res.n_seeds} seed{'s' if res.n_seeds != 1 else ''} x {res.n_examples} examples" if p.common
             else f"{res.n_examples} examples, seeds unpaired")
     sentence = (f"{head} on {set_name} ({round(100 * confidence)}% CI {lo:.3f} to {hi:.3f}, "
                 f"{format_p(res.p_value, n_boot)}, {size}).")
-    return Comparison(m, label_a, label_b, float(A.mean()), float(B.mean()), res.delta, res.ci_low, res.ci_high,
-                      res.p_value, res.n_seeds, res.n_examples, pairing, n_boot, seed, sentence)
+    # the means are the tables' cells (seed means of the set metric) when every seed and example pairs
+    return Comparison(m, label_a, label_b, weighted_mean(p.a, p.weights), weighted_mean(p.b, p.weights),
+                      res.delta, res.ci_low, res.ci_high, res.p_value, res.n_seeds, res.n_examples, p.pairing,
+                      n_boot, seed, p.weights is not None, sentence)
 
 
 def cmd_export(args) -> int:
@@ -252,8 +228,9 @@ def cmd_compare(args) -> int:
     else:
         print(f"  {c.metric}: mean {c.mean_a:.4f} ({c.label_a}) vs {c.mean_b:.4f} ({c.label_b}); "
               f"difference b - a = {c.delta:+.4f}, CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]")
-        weighting = ("; per-example means are unweighted (the logged set NLL is token-weighted, so it may "
-                     "differ slightly)" if c.metric.endswith("/nll") else "")
+        weighting = ("; examples weighted by their tokens, as in the logged set NLL" if c.token_weighted
+                     else "; examples weighted equally (no token counts in scores.jsonl)"
+                     if c.metric.endswith("/nll") else "")
         print(f"  {c.pairing}; {c.n_examples} examples; paired bootstrap over seeds and examples, "
               f"{c.n_boot} replicates, rng seed {c.seed}{weighting}")
     return 0

@@ -27,6 +27,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
     run = RunDir(out)  # checks that out is free before any work
     ctx = build_context(exp)  # all input checks happen here, before anything is written
     base = ctx.base
+    ctx.evaluator.progress = progress
     with run:
         report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
         spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")

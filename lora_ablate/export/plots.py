@@ -59,6 +59,48 @@ def _better(study: Study, metric: str) -> str:
     return "lower is better" if study.direction(metric) == "minimize" else "higher is better"
 
 
+BOUNDED = ("exact_match", "rouge_l")  # scores in [0, 1]: a fixed axis keeps 0.02 from looking like 0.9
+SERIES_WORDS = {"train/loss": "training loss (train batches)", "train/lr": "learning rate"}
+
+
+def series_label(key: str) -> str:
+    """``train/loss`` -> ``training loss (train batches)``; ``heldout_instances/nll`` -> its metric label
+    (held-out, during training)."""
+    if key in SERIES_WORDS:
+        return SERIES_WORDS[key]
+    return f"{metric_label(key)} (held-out, during training)"
+
+
+def _y_axis(ax, study: Study, metric: str) -> None:
+    ax.set_ylabel(f"{metric_label(metric)} ({_better(study, metric)})")
+    if metric.rsplit("/", 1)[-1] in BOUNDED:
+        ax.set_ylim(-0.02, 1.02)
+
+
+def _base_line(ax, study: Study, metric: str) -> None:
+    """The base model (no adapter) as a dashed reference: how much the adapters moved it."""
+    if metric in study.base:
+        ax.axhline(study.base[metric], color="gray", ls="--", lw=1,
+                   label=f"base model {study.base[metric]:.3f}")
+
+
+def small_n(per_point: list[int], n_x: int, x_word: str) -> str:
+    """A warning where the figure cannot carry a trend: one trial a point, or fewer than 3 x values."""
+    parts = []
+    if per_point and max(per_point) < 2:
+        parts.append("one trial per point: no interval, a difference may be seed noise")
+    if n_x < 3:
+        parts.append(f"only {n_x} {x_word}{'s' if n_x != 1 else ''}: too few to read a trend")
+    return "; ".join(parts)
+
+
+def _note(ax, text: str) -> str:
+    if text:
+        ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, color="#a33", va="bottom",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    return f" Note: {text}." if text else ""
+
+
 def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) -> Plot:
     """Metric against rank on a log2 axis, one line per value of ``hue``, with 95% t-interval bands
     where a point has at least two trials."""
@@ -66,6 +108,7 @@ def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) 
     col = f"final/{metric}"
     fig, (ax,) = new_figure()
     hue_vals = sorted(frame[hue.column].unique(), key=hue.sort_key()) if hue else [None]
+    counts = []
     for hv in hue_vals:
         sub = frame if hv is None else frame[frame[hue.column] == hv]
         ranks = sorted(sub["r"].unique())
@@ -73,6 +116,7 @@ def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) 
         mean = np.array([x.mean for x in s])
         lo = np.array([x.ci_low if x.has_interval else x.mean for x in s])
         hi = np.array([x.ci_high if x.has_interval else x.mean for x in s])
+        counts += [x.n for x in s]
         label = "all trials" if hv is None else f"{hue.label} {format_value(hv)}"
         line, = ax.plot(ranks, mean, marker="o", label=label)
         ax.fill_between(ranks, lo, hi, where=[x.has_interval for x in s], color=line.get_color(), alpha=0.2,
@@ -81,8 +125,9 @@ def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) 
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.minorticks_off()
-    ax.set_xlabel("rank r (log2 scale)")
-    ax.set_ylabel(f"{metric_label(metric)} ({_better(study, metric)})")
+    ax.set_xlabel("LoRA rank r (log2 scale)")
+    _y_axis(ax, study, metric)
+    _base_line(ax, study, metric)
     ax.grid(True, alpha=0.3)
     if len(hue_vals) <= MAX_LEGEND:
         ax.legend(fontsize="small")
@@ -91,7 +136,9 @@ def rank_plot(study: Study, metric: str, hue: ResultAxis | None, out_dir: Path) 
     ax.set_title(title)
     others = [a.label for a in study.axes if a.name not in ("r", hue.name if hue else "")]
     caption = ("Mean over trials with a 95% t-interval band (absent where a point has one trial)."
-               + (f" Marginal over {', '.join(others)}." if others else ""))
+               + (f" Marginal over {', '.join(others)}." if others else "")
+               + (" Dashed: the base model." if metric in study.base else "")
+               + _note(ax, small_n(counts, len(ranks), "rank")))
     name = f"rank_{stem(metric)}" + (f"_by_{stem(hue.name)}" if hue else "")
     return save(fig, out_dir, name, title, caption)
 
@@ -115,9 +162,11 @@ def targets_heatmap(study: Study, metric: str, out_dir: Path) -> Plot:
     fig, (ax,) = new_figure()
     # brighter is better in both directions, so the eye reads every heatmap the same way
     cmap = "viridis_r" if study.direction(metric) == "minimize" else "viridis"
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
+    bounded = metric.rsplit("/", 1)[-1] in BOUNDED
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto",
+                   **({"vmin": 0.0, "vmax": 1.0} if bounded else {}))
     finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    mid = 0.5 if bounded else (finite.min() + finite.max()) / 2 if finite.size else 0
     for i in range(len(rows)):
         for j in range(len(ranks)):
             if text[i][j]:
@@ -127,14 +176,20 @@ def targets_heatmap(study: Study, metric: str, out_dir: Path) -> Plot:
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(ranks)), ["all" if r is None else str(r) for r in ranks])
     ax.set_xlabel("rank r" if ranks[0] is not None else "")
-    ax.set_ylabel("targets")
-    fig.colorbar(im, ax=ax, label=f"{metric_label(metric)} (brighter is better)")
+    ax.set_ylabel("adapted modules (targets)")
+    bar = fig.colorbar(im, ax=ax, label=f"{metric_label(metric)} (brighter is better)")
+    if metric in study.base:
+        bar.ax.axhline(study.base[metric], color="red", lw=2)
     title = f"{metric_label(metric)} by target subset"
     ax.set_title(title)
     others = [a.label for a in study.axes if a.name not in ("r", "targets")]
     caption = "Mean ± sample std over trials; n per cell."
     if others:
         caption += f" Marginal over {', '.join(others)}."
+    if metric in study.base:
+        caption += f" Red mark on the colour bar: the base model ({study.base[metric]:.3f})."
+    counts = [int(t.rsplit("n=", 1)[1]) for line in text for t in line if t]
+    caption += _note(ax, small_n(counts, 3, "cell"))
     return save(fig, out_dir, f"targets_{stem(metric)}", title, caption)
 
 
@@ -174,9 +229,12 @@ def lr_plot(study: Study, metric: str, out_dir: Path) -> Plot:
     if others:
         caption += f" Marginal over {', '.join(others)}."
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"{metric_label(metric)} ({_better(study, metric)})")
+    _y_axis(ax, study, metric)
+    _base_line(ax, study, metric)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
+    per_lr = [int((x[ok] == v).sum()) for v in np.unique(x[ok])]
+    caption += _note(ax, small_n([] if axis.binned else per_lr, len(per_lr), "learning rate"))
     title = f"Learning-rate sensitivity: {metric_label(metric)}"
     ax.set_title(title)
     return save(fig, out_dir, f"lr_{stem(metric)}", title, caption)
@@ -205,15 +263,20 @@ def curves_plot(study: Study, curves: pd.DataFrame, keys: list[str], out_dir: Pa
             # markers keep a short series (a few logged steps) visible at all
             ax.plot(mean.index, mean.to_numpy(), lw=1.2, label=c, marker="o" if len(mean) <= 20 else None,
                     markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(key)
+        if key.endswith("/nll"):
+            _base_line(ax, study, key)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(series_label(key))
+        ax.set_title("Training loss" if key == "train/loss" else f"{metric_label(key)} during training",
+                     fontsize="medium")
         ax.grid(True, alpha=0.3)
     if len(configs) <= MAX_LEGEND:
         axs[-1].legend(fontsize="x-small")
     note = "" if len(configs) <= MAX_LEGEND else f" ({len(configs)} configurations: legend omitted.)"
+    words = ", ".join(series_label(k) for k in keys)
+    base = " Dashed: the base model." if any(k in study.base for k in keys) else ""
     return save(fig, out_dir, "curves", "Training curves",
-                f"Mean over seeds per step and configuration of {', '.join(keys)}.{note}")
+                f"Mean over seeds per step and configuration of {words}.{base}{note}")
 
 
 def importance_plot(importances: dict[str, float], objective: str, out_dir: Path) -> Plot:

@@ -90,7 +90,7 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, confidence: float = 0.95,
-                     chunk: int = 1000) -> Bootstrap:
+                     chunk: int = 1000, weights=None) -> Bootstrap:
     """Paired bootstrap of ``mean(b) - mean(a)`` over seeds and examples.
 
     ``a`` and ``b`` are ``(n_seeds, n_examples)`` score matrices (1-D means one seed) whose cell
@@ -108,6 +108,9 @@ def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, confidence: floa
       share of replicates. Ties at exactly 0 count on both sides, which is conservative for scores
       like exact match whose differences are often exactly 0. Identical inputs give p = 1; a
       difference no replicate crosses gives p = 0, to be read as ``p < 1/n_boot``.
+    * ``weights`` (one per example, e.g. its token count): the mean over examples is the weighted one
+      ``sum(w d) / sum(w)`` in the estimate and in every replicate (a ratio estimator), so a set's
+      token-weighted NLL is compared as the study logged it, not as an average of per-example means.
     """
     a = np.atleast_2d(np.asarray(a, dtype=float))
     b = np.atleast_2d(np.asarray(b, dtype=float))
@@ -119,17 +122,28 @@ def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, confidence: floa
         raise ValueError("paired scores contain NaN or infinity")
     d = b - a
     n_seeds, n_examples = d.shape
+    w = np.ones(n_examples) if weights is None else np.asarray(weights, dtype=float).ravel()
+    if w.shape != (n_examples,) or not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError(f"weights need one positive value per example ({n_examples}), got {w.shape}")
     rows, cols = bootstrap_indices(n_seeds, n_examples, n_boot, seed)
     deltas = np.empty(n_boot)
-    # mean of d over the resampled grid = (row counts) · d · (column counts) / (n_seeds · n_examples);
-    # counting avoids materialising n_boot x n_seeds x n_examples gathered values.
+    # weighted mean of d over the resampled grid = (row counts) · d · (column counts · w) /
+    # (n_seeds · sum(column counts · w)); counting avoids materialising n_boot x n_seeds x n_examples gathered values.
     for start in range(0, n_boot, chunk):
         stop = min(start + chunk, n_boot)
         cr, cc = _counts(rows[start:stop], n_seeds), _counts(cols[start:stop], n_examples)
-        deltas[start:stop] = ((cr @ d) * cc).sum(axis=1) / (n_seeds * n_examples)
+        cw = cc * w
+        deltas[start:stop] = ((cr @ d) * cw).sum(axis=1) / (n_seeds * cw.sum(axis=1))
     lo, hi = np.percentile(deltas, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
     p = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
-    return Bootstrap(float(d.mean()), float(lo), float(hi), p, n_seeds, n_examples, n_boot, seed, confidence)
+    return Bootstrap(weighted_mean(d, w), float(lo), float(hi), p, n_seeds, n_examples, n_boot, seed, confidence)
+
+
+def weighted_mean(m, weights=None) -> float:
+    """Mean over the rows (seeds) of each row's ``weights``-weighted mean over columns (examples)."""
+    m = np.atleast_2d(np.asarray(m, dtype=float))
+    w = np.ones(m.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    return float((m @ w).mean() / w.sum())
 
 
 def param_importances(params: dict[str, list], values, direction: str = "minimize",

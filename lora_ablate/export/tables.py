@@ -22,6 +22,9 @@ from lora_ablate.vocab import State, format_value, state_word
 
 METRIC_WORDS = {"nll": "NLL", "ppl": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
 MAX_LISTED_EXCLUSIONS = 10
+NEAR_MARK = "†"  # within the paired-bootstrap interval of the best
+NEAR_BOOT = 2000  # replicates per near-best check: a 95% interval's ends to about ±0.005 in probability
+BASE_LABEL = "base model"
 
 
 @dataclass
@@ -67,26 +70,57 @@ def fmt_params(lo, hi) -> str:
 
 
 def _best(means: list[float], direction: str) -> set[int]:
-    """Rows holding the best mean (all of them on a tie); none unless the means differ at all, since
-    marking every row of an all-zero exact-match column, or a lone row, claims a winner where there is
-    no contest."""
-    finite = [(i, m) for i, m in enumerate(means) if m is not None and not math.isnan(m)]
-    if len({m for _, m in finite}) < 2:
+    """Rows whose mean, as printed, equals the best one's (every row of a tie within rounding); none
+    unless the printed means differ at all, since marking every row of an all-zero exact-match column,
+    or a lone row, claims a winner where there is no contest."""
+    finite = [(i, fmt_num(m)) for i, m in enumerate(means) if m is not None and not math.isnan(m)]
+    if len({t for _, t in finite}) < 2:
         return set()
-    target = (min if direction == "minimize" else max)(m for _, m in finite)
-    return {i for i, m in finite if m == target}
+    pick = min if direction == "minimize" else max
+    target = fmt_num(pick(m for m in means if m is not None and not math.isnan(m)))
+    return {i for i, t in finite if t == target}
+
+
+def near_best(study: Study, groups: list[pd.DataFrame], best: set[int], metric: str) -> set[int]:
+    """Groups (not best) whose paired-bootstrap 95% interval of the difference from the best group
+    holds 0: the data cannot tell them from the best. Empty when the study has no per-example scores
+    of ``metric`` (ppl, or runs without scores.jsonl)."""
+    from lora_ablate.errors import UserError
+    from lora_ablate.export.paired import PER_EXAMPLE, pair_scores
+    from lora_ablate.export.stats import paired_bootstrap
+
+    set_name, name = metric.split("/", 1)
+    scores = study.example_scores if best and name in PER_EXAMPLE else None
+    if scores is None:
+        return set()
+    ref = scores[scores["run_id"].isin(groups[min(best)]["run_id"])]
+    out = set()
+    for i, g in enumerate(groups):
+        if i in best:
+            continue
+        try:
+            p = pair_scores(ref, scores[scores["run_id"].isin(g["run_id"])], set_name, name)
+        except UserError:
+            continue
+        res = paired_bootstrap(p.a, p.b, n_boot=NEAR_BOOT, weights=p.weights)
+        if res.ci_low <= 0 <= res.ci_high:
+            out.add(i)
+    return out
+
+
+def _mark(text: str) -> str:
+    return f"{text} {NEAR_MARK}"
 
 
 def summarize_groups(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> list[tuple[tuple, dict]]:
-    """``[(key, {"n", "params", "wall_s", metric: Summary})]`` per group of complete trials."""
+    """``[(key, {"n", "params", "frame", metric: Summary})]`` per group of complete trials."""
     groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
     out = []
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
-        row = {"n": len(g),
+        row = {"n": len(g), "frame": g,
                "params": (g["trainable_params"].min(), g["trainable_params"].max())
-               if "trainable_params" in g else (np.nan, np.nan),
-               "wall_s": g["wall_s"].mean() if "wall_s" in g else np.nan}
+               if "trainable_params" in g else (np.nan, np.nan)}
         for m in metrics:
             col = f"final/{m}"
             row[m] = summarize(g[col]) if col in g else summarize([])
@@ -118,38 +152,85 @@ def exclusions(study: Study) -> str:
             f"trials — {'; '.join(listed)}{more}.")
 
 
-def _legend(study: Study, metrics: list[str]) -> str:
+def _legend(study: Study, metrics: list[str], marked: bool) -> str:
     dirs = "; ".join(f"{metric_label(m)}: {'lower' if study.direction(m) == 'minimize' else 'higher'} is better"
                      for m in metrics)
+    near = (f" {NEAR_MARK}: the paired-bootstrap 95% interval of its difference from the best holds 0 (not "
+            "told apart from the best)." if marked else "")
     return (f"Cells: mean ± sample std [95% t-interval of the mean] over trials; a cell with one trial shows "
-            f"its value only. Bold: best mean per column ({dirs}).")
+            f"its value only. Bold: best mean per column as printed, every one on a tie ({dirs}).{near}"
+            + _base_note(study, metrics))
+
+
+def _base_note(study: Study, metrics: list[str]) -> str:
+    if not any(m in study.base for m in metrics):
+        return ""
+    return f" The {BASE_LABEL} row: no adapter, evaluated once per study (the reference the rows improve on)."
 
 
 def group_table(study: Study, frame: pd.DataFrame, axes: list[ResultAxis], metrics: list[str], name: str,
                 title: str, caption: str) -> Table:
     groups = _sorted(summarize_groups(frame, [a.column for a in axes], metrics), axes)
-    header = [a.label for a in axes] + ["n", "trainable params", "wall s (mean)"] + [metric_label(m) for m in metrics]
+    header = [a.label for a in axes] + ["n", "trainable params"] + [metric_label(m) for m in metrics]
+    first = len(axes) + 2
     cells, data, bold = [], [], set()
-    for key, row in groups:
-        wall = "–" if pd.isna(row["wall_s"]) else f"{row['wall_s']:,.1f}"
-        cells.append([format_value(v) for v in key] + [str(row["n"]), fmt_params(*row["params"]), wall]
-                     + [fmt_summary(row[m]) for m in metrics])
+    # a reference row first: what the adapters improve on
+    top = 1 if any(m in study.base for m in metrics) else 0
+    if top:
+        # without an axis column the label takes the n column's place
+        label = [BASE_LABEL] + ["–"] * (len(axes) - 1) + ["–"] if axes else [BASE_LABEL]
+        cells.append(label + ["0"] + [fmt_num(study.base.get(m, math.nan)) for m in metrics])
+        rec = {a.column: (BASE_LABEL if j == 0 else None) for j, a in enumerate(axes)}
+        rec.update({"n": 0, "trainable_params_min": 0, "trainable_params_max": 0})
+        rec.update({f"{m} mean": study.base.get(m, math.nan) for m in metrics})
+        data.append(rec)
+    best_of = {m: _best([row[m].mean for _, row in groups], study.direction(m)) for m in metrics}
+    near_of = {m: near_best(study, [row["frame"] for _, row in groups], best_of[m], m) for m in metrics}
+    for i, (key, row) in enumerate(groups):
+        cells.append([format_value(v) for v in key] + [str(row["n"]), fmt_params(*row["params"])]
+                     + [_mark(fmt_summary(row[m])) if i in near_of[m] else fmt_summary(row[m]) for m in metrics])
         rec = {a.column: v for a, v in zip(axes, key)}
         rec.update({"n": row["n"], "trainable_params_min": row["params"][0],
-                    "trainable_params_max": row["params"][1], "wall_s_mean": row["wall_s"]})
+                    "trainable_params_max": row["params"][1]})
         for m in metrics:
             s = row[m]
             rec.update({f"{m} mean": s.mean, f"{m} std": s.std, f"{m} ci_low": s.ci_low,
                         f"{m} ci_high": s.ci_high, f"{m} n": s.n})
-        data.append(rec)
-    best_of = {m: _best([row[m].mean for _, row in groups], study.direction(m)) for m in metrics}
-    first = len(axes) + 3
-    for j, m in enumerate(metrics):
-        bold |= {(i, first + j) for i in best_of[m]}
-    for i, rec in enumerate(data):
         rec["best"] = ";".join(m for m in metrics if i in best_of[m])
-    return Table(name, title, f"{caption} {_legend(study, metrics)}", header, cells,
-                 pd.DataFrame(data), exclusions(study), bold, ["l"] * len(axes) + ["r"] * (3 + len(metrics)))
+        rec["near_best"] = ";".join(m for m in metrics if i in near_of[m])
+        data.append(rec)
+    for j, m in enumerate(metrics):
+        bold |= {(i + top, first + j) for i in best_of[m]}
+    marked = any(near_of.values())
+    return Table(name, title, f"{caption} {_legend(study, metrics, marked)}", header, cells,
+                 pd.DataFrame(data), exclusions(study), bold, ["l"] * len(axes) + ["r"] * (2 + len(metrics)))
+
+
+RESOURCES = (("tokens_per_s", "train tokens/s", "{:,.0f}"), ("train_s", "train s", "{:,.1f}"),
+             ("wall_s", "wall s", "{:,.1f}"), ("peak_mem_mb", "peak memory MB", "{:,.0f}"))
+
+
+def resource_table(study: Study) -> Table | None:
+    """Throughput, time and memory per configuration, apart from the results: on a shared machine they
+    measure the machine's load as much as the configuration, and next to a metric they read as its cause."""
+    frame = study.complete
+    have = [r for r in RESOURCES if r[0] in frame and frame[r[0]].notna().any()]
+    if not have:
+        return None
+    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    groups = _sorted(summarize_groups(frame, [a.column for a in axes], []), axes)
+    cells, data = [], []
+    for key, row in groups:
+        g = row["frame"]
+        means = {col: g[col].mean() for col, _, _ in have}
+        cells.append([format_value(v) for v in key] + [str(row["n"])]
+                     + ["–" if pd.isna(means[c]) else f.format(means[c]) for c, _, f in have])
+        data.append({**{a.column: v for a, v in zip(axes, key)}, "n": row["n"],
+                     **{f"{c}_mean": means[c] for c, _, _ in have}})
+    return Table("resources", f"{study.name}: resources", "Mean per configuration over its complete trials. "
+                 "Measured on whatever else the machine ran at the time, so a difference here is no result.",
+                 [a.label for a in axes] + ["n"] + [label for _, label, _ in have], cells, pd.DataFrame(data),
+                 "", set(), ["l"] * len(axes) + ["r"] * (1 + len(have)))
 
 
 def axis_tables(study: Study, metrics: list[str]) -> list[Table]:
@@ -189,7 +270,7 @@ def pivot_table(study: Study, rows: ResultAxis, cols: ResultAxis, metric: str) -
     by = dict(summarize_groups(frame, [rows.column, cols.column], [metric]))
     row_vals = sorted({k[0] for k in by}, key=rows.sort_key())
     col_vals = sorted({k[1] for k in by}, key=cols.sort_key())
-    cells, data, means, where = [], [], [], []
+    cells, data, means, where, frames = [], [], [], [], []
     for i, rv in enumerate(row_vals):
         line = [format_value(rv)]
         for j, cv in enumerate(col_vals):
@@ -199,18 +280,29 @@ def pivot_table(study: Study, rows: ResultAxis, cols: ResultAxis, metric: str) -
                 continue
             s = hit[metric]
             line.append(f"{fmt_summary(s)} (n={s.n})")
+            frames.append(hit["frame"])
             data.append({rows.column: rv, cols.column: cv, "n": s.n, "mean": s.mean, "std": s.std,
                          "ci_low": s.ci_low, "ci_high": s.ci_high})
             means.append(s.mean)
             where.append((i, j + 1))
         cells.append(line)
     best = _best(means, study.direction(metric))
+    near = near_best(study, frames, best, metric)
     for k, rec in enumerate(data):
         rec["best"] = k in best
+        rec["near_best"] = k in near
+        if k in near:
+            i, j = where[k]
+            cells[i][j] = _mark(cells[i][j])
     marginal = f" Marginal over {', '.join(others)}." if others else ""
+    base = (f" {BASE_LABEL.capitalize()} (no adapter): {fmt_num(study.base[metric])}."
+            if metric in study.base else "")
+    near_text = (f" {NEAR_MARK}: the paired-bootstrap 95% interval of its difference from the best holds 0."
+                 if near else "")
     caption = (f"{metric_label(metric)} by {rows.label} (rows) and {cols.label} (columns).{marginal} "
                f"Cells: mean ± sample std [95% t-interval] over trials (n); one trial shows its value only. "
-               f"Bold: best ({'lower' if study.direction(metric) == 'minimize' else 'higher'} is better).")
+               f"Bold: best as printed, every one on a tie "
+               f"({'lower' if study.direction(metric) == 'minimize' else 'higher'} is better).{near_text}{base}")
     return Table(f"pivot_{stem(rows.name)}_x_{stem(cols.name)}_{stem(metric)}",
                  f"{study.name}: {metric_label(metric)}, {rows.label} × {cols.label}", caption,
                  [f"{rows.label} \\ {cols.label}"] + [format_value(v) for v in col_vals], cells,
@@ -231,7 +323,8 @@ def build_tables(study: Study, metrics: list[str]) -> list[Table]:
     tables = axis_tables(study, metrics)
     if len(study.axes) != 1:  # with one axis the configuration table would repeat the axis table
         tables.append(config_table(study, metrics))
-    return tables + pivot_tables(study, metrics)
+    resources = resource_table(study)
+    return tables + pivot_tables(study, metrics) + ([resources] if resources is not None else [])
 
 
 def stem(text: str) -> str:
@@ -261,7 +354,7 @@ def to_csv(t: Table) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-        "±": r"$\pm$", "–": "--", "—": "---", "×": r"$\times$"}
+        "±": r"$\pm$", "–": "--", "—": "---", "×": r"$\times$", NEAR_MARK: r"$^\dagger$"}
 
 
 def tex_escape(text: str) -> str:

@@ -15,6 +15,7 @@ from lora_ablate.vocab import State, metric_direction
 from lora_ablate.workspace import redact
 
 DEFAULT_OBJECTIVE = "heldout_instances/nll"
+BASE_PREFIX = "base/"  # the parent run's metrics of the base model (docs/tracking.md)
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Study:
     tags: dict
     trials: pd.DataFrame
     _store: RunStore | None = field(repr=False, default=None)
+    # the base model's held-out metrics ``{"<set>/<metric>": value}`` as the parent run logged them
+    base: dict = field(default_factory=dict)
 
     @property
     def display_uri(self) -> str:
@@ -95,6 +98,20 @@ class Study:
         """Per-example rows of each run's ``scores.jsonl``, with ``run_id`` added."""
         return self._store.scores(run_ids, self.name)
 
+    @cached_property
+    def example_scores(self) -> pd.DataFrame | None:
+        """Every complete trial's per-example rows with its ``seed``; None when some run has none to read
+        (a store written by hand, or artifacts gone), since a comparison over part of a group would mislead."""
+        done = self.complete
+        if self._store is None or done.empty:
+            return None
+        try:
+            scores = self.scores(list(done["run_id"]))
+        except UserError:
+            return None
+        seeds = dict(zip(done["run_id"], done["seed"] if "seed" in done else [0] * len(done)))
+        return scores.assign(seed=scores["run_id"].map(seeds))
+
 
 def open_study(name: str, workspace=None, tracking_uri: str | None = None) -> Study:
     """The study ``name`` of the workspace's store, or of ``tracking_uri`` (which wins)."""
@@ -117,4 +134,7 @@ def open_study(name: str, workspace=None, tracking_uri: str | None = None) -> St
     axes = next((r.data.tags[AXES_TAG] for r in newest if AXES_TAG in r.data.tags), None)
     if axes is not None:
         tags[AXES_TAG] = axes
-    return Study(name, store.uri, experiment_id, tags, trials_frame(trials), store)
+    # a resume that skipped the base evaluation logs none: the newest parent that has it speaks
+    base = next(({k[len(BASE_PREFIX):]: v for k, v in r.data.metrics.items() if k.startswith(BASE_PREFIX)}
+                 for r in newest if any(k.startswith(BASE_PREFIX) for k in r.data.metrics)), {})
+    return Study(name, store.uri, experiment_id, tags, trials_frame(trials), store, base)

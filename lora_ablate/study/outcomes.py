@@ -3,6 +3,7 @@ report of the invocation and the summary its parent run records."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from lora_ablate.study.settings import Objective
@@ -68,20 +69,44 @@ def describe(o: TrialOutcome, objective: Objective) -> str:
     return f"trial {o.number} [{params}] {what} ({o.seconds:.0f} s)"
 
 
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def remaining_line(elapsed: float, done: int, total: int) -> str:
+    """What the study's remaining trials will take at the pace so far (the model's load not counted, and
+    a pack's trials overlap, so it is the invocation's wall clock per trial told)."""
+    left = total - done
+    if left <= 0 or done <= 0:
+        return ""
+    return (f"estimated time left: about {duration(elapsed / done * left)} for {left} more "
+            f"trial{'s' if left != 1 else ''} ({duration(elapsed / done)} a trial so far)")
+
+
 class Progress:
     """The study's progress bar over this invocation's trials, and one printed line per trial as it is told."""
 
-    def __init__(self, name: str, total: int, objective: Objective, enabled: bool):
+    def __init__(self, name: str, total: int, objective: Objective, enabled: bool, clock=time.monotonic):
         from tqdm.auto import tqdm
 
-        self.objective = objective
+        self.objective, self.total, self.clock = objective, total, clock
+        self.started, self.done = clock(), 0
         self.bar = tqdm(total=total, desc=f"study {name}", unit="trial", disable=not enabled, dynamic_ncols=True)
 
     def told(self, outcome: TrialOutcome, best: float | None) -> None:
         self.bar.update(1)
+        self.done += 1
         if best is not None:
             self.bar.set_postfix_str(f"best {self.objective.name}={best:.4f}")
         self.bar.write(describe(outcome, self.objective))
+        if self.done == 1 and not self.bar.disable:
+            line = remaining_line(self.clock() - self.started, self.done, self.total)
+            if line:
+                self.bar.write(line)
 
     def close(self) -> None:
         self.bar.close()

@@ -90,6 +90,7 @@ class StudyRunner:
                                            report.storage, self.exp, base.source,
                                            tuple(a.name for a in self.space.axes)))
         status = "FAILED"
+        self.ctx.evaluator.progress = self.progress
         try:
             if self.exp.eval.base:
                 base_report = self.ctx.evaluator.run(base.model, base.device)

@@ -78,6 +78,7 @@ def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: h
     n_before = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)) if existing else 0
     study = optuna.create_study(storage=storage, study_name=name, direction=objective.direction,
                                 sampler=sampler(space, exp, n_before), pruner=pruner(exp), load_if_exists=True)
+    study.set_metric_names([objective.name])  # optuna-dashboard's axis says what it is, not "Objective 0"
     shared = base_config(exp, space)
     # a study that never got a trial (its first run was stopped before one) takes this run's settings
     if not existing or (n_before == 0 and study.direction.name.lower() == objective.direction):
