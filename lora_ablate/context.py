@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
 from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_set, load_train
+from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel, load_base
 
@@ -37,6 +38,8 @@ def build_context(exp: Experiment, targets=None, with_train: bool = True) -> Con
     examples, sets = _setup_data(exp.data, exp.eval, with_train)
     base = _setup_model(exp.model)
     for roles in targets or [exp.lora.targets]:
-        resolve_targets(base.model, roles)
+        plan = resolve_targets(base.model, roles)
+        if with_train and not targets and (error := plan.rank_error(exp.lora.r)):
+            raise UserError(error)
     train = encode_all(examples, base.tokenizer, exp.data.template, exp.data.max_length)
     return Context(base, train, Evaluator(sets, base.tokenizer, exp.data, exp.eval))
