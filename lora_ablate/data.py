@@ -80,6 +80,8 @@ def _file_rows(path: Path) -> list[dict]:
         raise UserError(f"data file {str(path)!r} has an unknown format {suffix!r}; "
                         f"use one of: {choices(['.jsonl', '.jsonl.gz', '.json', '.csv', '.parquet'])}")
     _check_content(path, suffix)
+    if suffix in (".jsonl", ".gz"):  # datasets reads a line that is an array or a number as a row of its own
+        _check_json_lines(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -89,8 +91,6 @@ def _file_rows(path: Path) -> list[dict]:
     try:
         ds = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a broken file; one line is what the user needs
-        if suffix in (".jsonl", ".gz"):
-            _check_json_lines(path)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"data file {str(path)!r} could not be read: {msg}") from None
     finally:

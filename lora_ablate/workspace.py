@@ -36,7 +36,7 @@ def redact(url: str) -> str:
     errors and shared reports."""
     url = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(url))
     # sqlite and other drivers also take credentials as query parameters (?password=..., &token=...)
-    return re.sub(r"([?&;](?:[^=&;]*(?:pass|pwd|secret|token|key|auth)[^=&;]*)=)[^&;]*", r"\1***", url,
+    return re.sub(r"([?&]\w*(?:pass|pwd|secret|token|key|auth)\w*=)[^&#\s'\"]*", r"\1***", url,
                   flags=re.IGNORECASE)
 
 
