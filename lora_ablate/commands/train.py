@@ -8,8 +8,8 @@ from pathlib import Path
 from lora_ablate.config import Experiment
 from lora_ablate.context import build_context
 from lora_ablate.errors import UserError
-from lora_ablate.tracking import redacted
 from lora_ablate.rundir import RunDir, environment
+from lora_ablate.tracking import redacted
 from lora_ablate.trainers import make_trainer
 from lora_ablate.trial import TrialSpec
 
