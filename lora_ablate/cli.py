@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from lora_ablate.errors import UserError
+from lora_ablate.workspace import redact
 
 
 def _experiment(args):
@@ -45,8 +46,18 @@ def cmd_config(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in the project's form: one ``error:`` line and status 2 (its usage block is what
+    ``--help`` is for)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("python -m lora_ablate").strip()
+        hint = f"python -m lora_ablate {command} --help".replace("  ", " ")
+        self.exit(2, f"error: {UserError(message)} (see {hint})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_ablate", description="LoRA ablation studies you can trust.")
+    p = _Parser(prog="python -m lora_ablate", description="LoRA ablation studies you can trust.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp):
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # messages quote the user's values, and a store URL may carry a password
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

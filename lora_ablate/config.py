@@ -17,7 +17,16 @@ import yaml
 
 from lora_ablate.errors import UserError, choices
 from lora_ablate.vocab import ROLES, canonical_roles, unknown_roles
-from lora_ablate.workspace import ARTIFACTS, DEFAULT_WORKSPACE, MLFLOW_DB, OPTUNA_DB
+from lora_ablate.workspace import (
+                                   ARTIFACTS,
+                                   DEFAULT_WORKSPACE,
+                                   MLFLOW_DB,
+                                   OPTUNA_DB,
+                                   STORAGE_SCHEMES,
+                                   TRACKING_SCHEMES,
+                                   check_url,
+                                   redact,
+)
 
 ALPHA_RULES = ("rank", "free", "rslora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -198,8 +207,9 @@ class StudyConfig:
         if not self.workspace:
             raise UserError(f"study.workspace is empty; give a folder, e.g. --workspace {DEFAULT_WORKSPACE}")
         if self.storage and "://" not in self.storage:
-            raise UserError(f"study.storage={self.storage!r} is not an RDB URL; write e.g. sqlite:///study.db "
-                            "or postgresql://user@host/db")
+            raise UserError(f"study.storage={redact(self.storage)!r} is not an RDB URL; write e.g. "
+                            "sqlite:///study.db or postgresql://user@host/db")
+        check_url(self.storage, "study.storage", STORAGE_SCHEMES)
         _positive("study", "n_trials", self.n_trials, allow_zero=True)
         _positive("study", "timeout", self.timeout, allow_zero=True)
         _one_of("study", "direction", self.direction, ("auto", "minimize", "maximize"))
@@ -224,8 +234,9 @@ class TrackingConfig:
 
     def __post_init__(self):
         if self.uri and "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
-            raise UserError(f"tracking.uri={self.uri!r} is not a URI; write e.g. http://host:5000 or "
+            raise UserError(f"tracking.uri={redact(self.uri)!r} is not a URI; write e.g. http://host:5000 or "
                             f"sqlite:///{MLFLOW_DB}")
+        check_url(self.uri, "tracking.uri", TRACKING_SCHEMES)
 
 
 @dataclass(frozen=True)

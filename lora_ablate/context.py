@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
 from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_set, load_train
+from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel, load_base
 
@@ -27,16 +28,21 @@ def _setup_model(model: ModelConfig) -> LoadedModel:
     return load_base(model)
 
 
-def build_context(exp: Experiment, targets=None, with_train: bool = True) -> Context:
+def build_context(exp: Experiment, targets=None, with_train: bool = True, rank: int | None = None) -> Context:
     """Data first (cheap, fails fast on a bad file), then the model, then targets and tokenisation.
 
     ``with_train=False`` (evaluating a saved adapter) skips the training records: ``train`` is empty.
+    ``rank`` is the largest lora.r to be trained (default: the experiment's when it trains).
     """
     from lora_ablate.targets import resolve_targets
 
     examples, sets = _setup_data(exp.data, exp.eval, with_train)
     base = _setup_model(exp.model)
+    if rank is None and with_train and not targets:
+        rank = exp.lora.r
     for roles in targets or [exp.lora.targets]:
-        resolve_targets(base.model, roles)
+        plan = resolve_targets(base.model, roles)
+        if rank is not None and (error := plan.rank_error(rank)):
+            raise UserError(error)
     train = encode_all(examples, base.tokenizer, exp.data.template, exp.data.max_length)
     return Context(base, train, Evaluator(sets, base.tokenizer, exp.data, exp.eval))

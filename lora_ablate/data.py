@@ -71,12 +71,17 @@ def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: 
 
 
 def _file_rows(path: Path) -> list[dict]:
+    if path.is_dir():
+        raise UserError(f"data file {str(path)!r} is a directory, not a record file")
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise UserError(f"data file {str(path)!r} has an unknown format {suffix!r}; "
                         f"use one of: {choices(['.jsonl', '.jsonl.gz', '.json', '.csv', '.parquet'])}")
+    _check_content(path, suffix)
+    if suffix in (".jsonl", ".gz"):  # datasets reads a line that is an array or a number as a row of its own
+        _check_json_lines(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -86,13 +91,40 @@ def _file_rows(path: Path) -> list[dict]:
     try:
         ds = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a broken file; one line is what the user needs
-        if suffix in (".jsonl", ".gz"):
-            _check_json_lines(path)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"data file {str(path)!r} could not be read: {msg}") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
     return list(ds)
+
+
+def _check_content(path: Path, suffix: str) -> None:
+    """An empty or binary file, named as such: ``datasets`` reports them as StopIteration or "an error
+    occurred while generating the dataset"."""
+    import gzip
+
+    where = f"data file {str(path)!r}"
+    if suffix == ".parquet":
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise UserError(f"{where} is not a Parquet file (it does not start with PAR1)")
+        return
+    try:
+        with (gzip.open if suffix == ".gz" else open)(path, "rb") as f:
+            head = f.read(1 << 16)
+    except (OSError, EOFError):
+        raise UserError(f"{where} is not a gzip file; compress JSON lines with gzip, or drop the .gz") from None
+    if not head.strip():
+        raise UserError(f"{where} is empty: it holds no records")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not a character cut at the sample's end
+            raise UserError(f"{where} is not UTF-8 text (binary byte at offset {e.start}); "
+                            "records must be UTF-8 JSON lines, JSON or CSV") from None
+        text = ""
+    if "\x00" in text:
+        raise UserError(f"{where} is not text (it holds NUL bytes); records must be UTF-8 JSON lines, JSON or CSV")
 
 
 def _csv_as_text(path: Path) -> dict:

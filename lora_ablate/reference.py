@@ -66,6 +66,9 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
 
     plan = resolve_targets(base.model, spec.lora.targets)
     result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
+    if error := plan.rank_error(spec.lora.r):  # refused before training, not trained and saved at full size
+        result.status, result.error = "failed", error
+        return result
     torch.manual_seed(spec.train.seed)  # LoRA A init and dropout
     if spec.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

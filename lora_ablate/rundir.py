@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from lora_ablate.errors import UserError
+from lora_ablate.workspace import check_writable, redact
 
 PACKAGES = ("lora_ablate", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "optuna",
             "mlflow", "bitsandbytes", "gguf", "tokenizers", "numpy")
@@ -51,13 +52,14 @@ def environment() -> dict:
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "git_sha": git_sha(),
-        "argv": sys.argv,
+        "argv": [redact(a) for a in sys.argv],  # a store URL on the command line may hold a password
     }
 
 
 def check_free(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output folder {str(out)!r} already exists and is not empty; choose another --out")
+    check_writable(out, "--out")
 
 
 class RunDir:

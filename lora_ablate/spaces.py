@@ -155,6 +155,16 @@ class Space:
         sets = [tuple(v.split(",")) for v in axis.values] if axis is not None else []
         return sets + ([tuple(self.budget.targets.split(","))] if self.budget else [])
 
+    def largest_rank(self, exp: Experiment) -> int | None:
+        """The largest lora.r a trial of this space may train (None under match_budget: r comes from the
+        model's shapes), so a rank the model cannot hold is refused before the study exists."""
+        if self.budget is not None:
+            return None
+        axis = next((a for a in self.axes if a.key == "lora.r"), None)
+        if axis is None:
+            return exp.lora.r
+        return int(max(axis.values) if axis.values else axis.high)
+
     def trial_experiment(self, exp: Experiment, params: dict[str, Any],
                          params_per_rank: Callable[[tuple[str, ...]], int] | None = None) -> Experiment:
         """The experiment of one trial: ``exp`` with the axes (and ``seed``) set from Optuna ``params``."""

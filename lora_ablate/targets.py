@@ -72,6 +72,18 @@ class TargetPlan:
     target_modules: str
     module_names: tuple[str, ...]
     role_of: dict = field(hash=False)  # a dict cannot be hashed; the other fields identify the plan
+    shapes: dict = field(hash=False, default_factory=dict)  # module name -> (out, in) features
+
+    def rank_error(self, r: int) -> str:
+        """Why rank ``r`` cannot adapt every module ('' if it can): B·A has rank at most the smaller side of
+        the layer, so a larger r only trains (and saves) parameters that cannot change the update."""
+        if not self.shapes:
+            return ""
+        name, shape = min(self.shapes.items(), key=lambda kv: min(kv[1]))
+        if r <= min(shape):
+            return ""
+        return (f"lora.r={r} is above the rank of target module {name!r} ({shape[0]}x{shape[1]}, out x in); "
+                f"use lora.r <= {min(shape)} on this model")
 
     def describe(self) -> str:
         """One line, e.g. ``llama: q->q_proj, v->v_proj (60 modules)``."""
@@ -130,7 +142,19 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
     # (?:.*\.)? anchors each suffix on a dotted component whatever the prefix (bare or peft-wrapped model)
     pattern = r"(?:.*\.)?(?:" + "|".join(re.escape(s) for s in suffixes) + r")"
     names = tuple(name for name, _ in linear if name in role_of)
-    return TargetPlan(arch, roles, pattern, names, {name: role_of[name] for name in names})
+    shapes = {name: _features(module) for name, module in linear if name in role_of}
+    return TargetPlan(arch, roles, pattern, names, {name: role_of[name] for name in names}, shapes)
+
+
+def _features(module: torch.nn.Module) -> tuple[int, int]:
+    """(out, in) features of a Linear or Conv1D, seen through a peft wrapper (a 4-bit weight is packed, so
+    not its shape)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    if isinstance(layer, Conv1D):
+        return (layer.nf, layer.weight.shape[0])
+    return (layer.out_features, layer.in_features)
 
 
 def _canonical_roles(roles: Sequence[str]) -> tuple[str, ...]:

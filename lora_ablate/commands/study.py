@@ -15,7 +15,19 @@ from typing import TYPE_CHECKING
 from lora_ablate.config import Experiment, StudyConfig, load_yaml, parse_override
 from lora_ablate.errors import UserError
 from lora_ablate.vocab import State, format_value
-from lora_ablate.workspace import ARTIFACTS, DEFAULT_WORKSPACE, MLFLOW_DB, OPTUNA_DB, mlflow_uri, optuna_db
+from lora_ablate.workspace import (
+                                   ARTIFACTS,
+                                   DEFAULT_WORKSPACE,
+                                   MLFLOW_DB,
+                                   OPTUNA_DB,
+                                   artifact_root,
+                                   check_answers,
+                                   check_writable,
+                                   local_path,
+                                   mlflow_uri,
+                                   optuna_db,
+                                   redact,
+)
 
 if TYPE_CHECKING:
     from lora_ablate.spaces import Space
@@ -49,7 +61,23 @@ def study_setup(space: str | None = None, config: Path | None = None, overrides:
         layers.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     exp = study_experiment(sp, config, overrides, layers)
     check_study(exp, sp)
+    check_stores(exp)
     return sp, exp
+
+
+def check_stores(exp: Experiment) -> None:
+    """Every folder the study will write and the tracking server it will talk to, before the model loads."""
+    ws, uri = exp.study.workspace, exp.tracking.uri
+    tracking = exp.tracking.enabled
+    if not exp.study.storage or (tracking and artifact_root(ws, uri) is not None):
+        check_writable(ws, "study.workspace")
+    local = local_path(exp.study.storage) if exp.study.storage.startswith("sqlite:///") else None
+    if local is not None:
+        check_writable(local.parent, "study.storage")
+    if tracking and uri:
+        if (local := local_path(uri)) is not None:
+            check_writable(local.parent, "tracking.uri")
+        check_answers(uri, "tracking.uri")
 
 
 def study(space: str | None = None, config: Path | None = None, overrides: list[str] = (),
@@ -109,7 +137,7 @@ def print_report(report: StudyReport, exp: Experiment) -> None:
         print(f"  base model: {report.objective.name}={report.base[report.objective.name]:.4f}")
     print(f"  optuna: {report.storage}   (optuna-dashboard {report.storage})")
     if exp.tracking.enabled:
-        uri = exp.tracking.uri or mlflow_uri(exp.study.workspace)
+        uri = redact(exp.tracking.uri or mlflow_uri(exp.study.workspace))
         hint = f"python -m lora_ablate ui --workspace {exp.study.workspace}" if not exp.tracking.uri else uri
         print(f"  mlflow: {uri}   ({hint})")
 

@@ -9,6 +9,7 @@ from lora_ablate.config import Experiment
 from lora_ablate.context import build_context
 from lora_ablate.errors import UserError
 from lora_ablate.rundir import RunDir, environment
+from lora_ablate.tracking import redacted
 from lora_ablate.trainers import make_trainer
 from lora_ablate.trial import TrialSpec
 
@@ -38,7 +39,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
                               compile=exp.study.compiles(fast)).train([spec])[0]
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
-        run.yaml("config.yaml", exp.to_dict())
+        run.yaml("config.yaml", redacted(exp).to_dict())
         run.json("environment.json", {**environment(), "model_source": base.source})
         metrics = {
             "model": exp.model.name, "targets": result.targets, "scaling": result.scaling,

@@ -21,7 +21,7 @@ from lora_ablate.packed.slot import Slot, make_slot
 from lora_ablate.packed.step import Steps
 from lora_ablate.packed.varlen import _FlatData
 from lora_ablate.targets import TargetPlan, _linear_modules, plain_head, resolve_targets
-from lora_ablate.trial import TrialResult, TrialSpec
+from lora_ablate.trial import TrialFailed, TrialResult, TrialSpec
 
 # Each module's A and B are views with gaps between trials' rows, which autograd's layout contract calls
 # "not dense"; it still accumulates into them in place, which is what the flat gradient relies on.
@@ -103,6 +103,8 @@ class Pack:
         """The trial of ``result`` as a slot, placed by the next ``relayout``; TrialFailed when it cannot
         start (fewer training records than its batch size)."""
         spec = result.spec
+        if error := self.plan(spec.lora.targets).rank_error(spec.lora.r):
+            raise TrialFailed(error)
         slot = make_slot(spec, result, self.plan(spec.lora.targets), self.encoded)
         result.trainable_params = sum(spec.lora.r * sum(self.dims[n]) for n in slot.modules)
         return slot

@@ -269,7 +269,8 @@ class StudyRunner:
     def _context(self):
         from lora_ablate.context import build_context
 
-        return build_context(self.exp, targets=self.space.target_sets() or None)
+        return build_context(self.exp, targets=self.space.target_sets() or None,
+                             rank=self.space.largest_rank(self.exp))
 
     def _pack_size(self) -> int:
         """study.pack, or for auto what the packed engine measures fits on a GPU; on a CPU auto is 1, the
