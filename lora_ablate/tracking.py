@@ -24,7 +24,7 @@ import yaml
 
 from lora_ablate.config import Experiment
 from lora_ablate.vocab import State
-from lora_ablate.workspace import artifact_root, mlflow_uri, redact
+from lora_ablate.workspace import artifact_root, mlflow_uri, redact, relocate
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
     from lora_ablate.evaluation import EvalReport
@@ -154,7 +154,10 @@ class MlflowTracker(Tracker):
             from mlflow import MlflowClient
 
             if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                db = Path(self.uri[len("sqlite:///"):])
+                db.parent.mkdir(parents=True, exist_ok=True)
+                if self.artifacts is not None and db.parent.resolve() == self.artifacts.parent.resolve():
+                    relocate(db, self.artifacts)  # the workspace's own store: it moves with the workspace
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 

@@ -1,0 +1,42 @@
+"""``python tests/fault_worker.py POINT N study ...``: ``python -m lora_ablate study ...`` that SIGKILLs itself
+the N-th time it reaches POINT; the fault tests' dying worker (a real process, killed without a word)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _dies_on(owner, name: str, n: int) -> None:
+    real = getattr(owner, name)
+    calls = [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, dying)
+
+
+def main() -> int:
+    point, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    from mlflow import MlflowClient
+
+    from lora_ablate.cli import main as cli
+    from lora_ablate.evaluation import Evaluator
+    from lora_ablate.study.trials import Hooks
+
+    owner, name = {"train": (Hooks, "on_train_log"),  # mid-training
+                   "final_eval": (Evaluator, "run"),  # a trial's final held-out evaluation
+                   "artifacts": (MlflowClient, "log_artifacts"),  # MLflow has the metrics; Optuna not told yet
+                   "terminate": (MlflowClient, "set_terminated"),  # Optuna told; the run not ended yet
+                   }[point]
+    _dies_on(owner, name, n)
+    return cli(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
