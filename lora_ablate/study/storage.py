@@ -15,7 +15,6 @@ from lora_ablate.study import heartbeat
 from lora_ablate.study.settings import Objective, base_config, storage_url, study_name
 from lora_ablate.workspace import optuna_db, redact
 
-
 # what SQLite, SQLAlchemy and MLflow say, in the chain of whatever they raise, when a store cannot be written
 _UNWRITABLE = ("database or disk is full", "readonly database", "read-only file system", "disk i/o error",
                "no space left on device", "unable to open database file")
