@@ -50,6 +50,13 @@ def trials(ws: Path) -> list:
     return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
 
 
+def running_trial(ws: Path) -> bool:
+    try:
+        return (ws / "optuna.db").exists() and any(t.state.name == "RUNNING" for t in trials(ws))
+    except KeyError:  # the storage is there, the study not yet
+        return False
+
+
 def assert_consistent(ws: Path) -> None:
     """What the stores promise once an invocation has finished (docs/reliability.md)."""
     ts = trials(ws)
@@ -105,8 +112,7 @@ def test_a_live_workers_runs_are_left_alone(tmp_path, space):
                              *study_args(ws, space)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (
-                (ws / "optuna.db").exists() and [t for t in trials(ws) if t.state.name == "RUNNING"]):
+        while time.monotonic() < deadline and not running_trial(ws):
             time.sleep(0.5)
         time.sleep(5)  # longer than GRACE_S: only its beats keep it alive now
         other = run_cli(study_args(ws, space))
