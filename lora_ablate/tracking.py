@@ -18,13 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
 from lora_ablate.config import Experiment
 from lora_ablate.vocab import SEED_PARAM, State, format_value
-from lora_ablate.workspace import artifact_root, mlflow_uri, redact
+from lora_ablate.workspace import artifact_root, mlflow_uri, redact, relocate
 
 if TYPE_CHECKING:  # annotations only: reading a store (export, status) must not import torch
     from lora_ablate.evaluation import EvalReport
@@ -70,6 +70,9 @@ class TrialRecord:
     reason: str = ""
     result: TrialResult | None = None
     wall_s: float = 0.0
+    # the study's tell: called by finish_trial once the run holds everything and before it is marked ended,
+    # so a process killed in between leaves a run that the next invocation can close from Optuna's state
+    commit: Callable[[], None] | None = None
 
 
 def run_name(params: dict, axes: tuple[str, ...], number: int) -> str:
@@ -103,6 +106,7 @@ class Tracker:
     """Tracking switched off: every call is a no-op, so a study runs the same without MLflow."""
 
     enabled = False
+    parent_id = ""
 
     def start_study(self, info: StudyInfo) -> None:
         pass
@@ -122,10 +126,21 @@ class Tracker:
         pass
 
     def finish_trial(self, run_id: str, trial: TrialRecord) -> None:
-        pass
+        """Record the trial's end, then ``trial.commit()``, then mark its run ended."""
+        if trial.commit is not None:
+            trial.commit()
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close the run of a trial whose worker died (found stale by the Optuna heartbeat)."""
+
+    def running_parents(self, study: str) -> dict[str, float]:
+        """Run id -> start time (unix s) of the study's RUNNING parent runs other than this invocation's."""
+        return {}
+
+    def close_dead(self, study: str, finished: dict[str, tuple[str, str]], dead: set[str]) -> None:
+        """Close what dead invocations left RUNNING: a trial run whose trial is ``finished`` (run id ->
+        (state, reason), as Optuna holds them) as Optuna says; any other trial run of a ``dead`` parent run as
+        failed; the ``dead`` parent runs themselves as KILLED."""
 
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         pass
@@ -156,7 +171,10 @@ class MlflowTracker(Tracker):
             from mlflow import MlflowClient
 
             if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                db = Path(self.uri[len("sqlite:///"):])
+                db.parent.mkdir(parents=True, exist_ok=True)
+                if self.artifacts is not None and db.parent.resolve() == self.artifacts.parent.resolve():
+                    relocate(db, self.artifacts)  # the workspace's own store: it moves with the workspace
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -261,9 +279,11 @@ class MlflowTracker(Tracker):
                 (staging / "config.yaml").write_text(yaml.safe_dump(redacted(trial.exp).to_dict(), sort_keys=False))
             if any(staging.iterdir()):
                 self.client.log_artifacts(run_id, str(staging))
-            self.client.set_terminated(run_id, State(trial.state).run_status)
         finally:
             shutil.rmtree(self._staging.pop(run_id, staging), ignore_errors=True)
+        if trial.commit is not None:
+            trial.commit()
+        self.client.set_terminated(run_id, State(trial.state).run_status)
 
     def fail_run(self, run_id: str, reason: str) -> None:
         from mlflow.entities import RunTag
@@ -271,6 +291,37 @@ class MlflowTracker(Tracker):
         self._flush(run_id)
         self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", State.FAIL), RunTag(f"{TAG}fail_reason", reason)])
         self.client.set_terminated(run_id, State.FAIL.run_status)
+
+    def _running(self, study: str, kind: str) -> list:
+        found = self.client.get_experiment_by_name(study)
+        if found is None:
+            return []
+        return self.client.search_runs([found.experiment_id], max_results=50000, filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{TAG}kind` = '{kind}'"))
+
+    def running_parents(self, study: str) -> dict[str, float]:
+        return {r.info.run_id: r.info.start_time / 1000 for r in self._running(study, "study")
+                if r.info.run_id != self.parent_id}
+
+    def close_dead(self, study: str, finished: dict[str, tuple[str, str]], dead: set[str]) -> None:
+        from mlflow.entities import RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        for r in self._running(study, "trial"):
+            run_id, parent = r.info.run_id, r.data.tags.get(MLFLOW_PARENT_RUN_ID, "")
+            if run_id in finished:
+                state, reason = finished[run_id]
+            elif parent in dead:
+                state, reason = State.FAIL, f"its invocation (parent run {parent}) stopped before the trial ended"
+            else:
+                continue  # a live worker's
+            tags = [RunTag(f"{TAG}state", state)] + ([RunTag(f"{TAG}fail_reason", reason[:5000])] if reason else [])
+            self.client.log_batch(run_id, tags=tags)
+            self.client.set_terminated(run_id, State(state).run_status)
+        for run_id in dead:
+            self.client.set_tag(run_id, f"{TAG}fail_reason", "the invocation stopped without ending its run "
+                                "(killed, or its machine went down); closed by a later one")
+            self.client.set_terminated(run_id, "KILLED")
 
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         for run_id in list(self._pending):  # runs that never finished (an interrupted study)

@@ -132,3 +132,33 @@ def existing_tracking_uri(workspace: str | Path | None = None, tracking_uri: str
     if local is not None and not local.exists():
         raise UserError(f"no MLflow store at {str(local)!r}; pass the study's --workspace or --tracking-uri")
     return uri
+
+
+def relocate(db: Path, root: Path) -> int:
+    """Re-point the artifact locations of a workspace's MLflow store at ``root`` (its ``artifacts/``) when
+    the workspace was copied or moved; returns how many experiments were re-pointed.
+
+    MLflow keeps an absolute location per experiment and per run, so a copied workspace would read and write
+    the original's artifacts. Only locations laid out as this module lays them out (``<ws>/artifacts/<exp>``)
+    move; an experiment that put its artifacts elsewhere on purpose keeps them there. Writes only when
+    something moved, so a read-only store that did not move still opens."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    new_root = root.resolve().as_uri()
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        moved = []
+        for exp_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
+            head, _, leaf = str(location or "").rstrip("/").rpartition("/")
+            if head.startswith("file:") and head.endswith("/" + ARTIFACTS) and head != new_root:
+                moved.append((exp_id, f"{head}/{leaf}", f"{new_root}/{leaf}"))
+        with con:
+            for exp_id, old, new in moved:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                            "AND substr(artifact_uri, 1, ?) = ?", (new, len(old) + 1, exp_id, len(old), old))
+        return len(moved)
+    finally:
+        con.close()

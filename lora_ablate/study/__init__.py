@@ -25,7 +25,8 @@ The package, one module a part:
   ``settings``   the objective, name, storage URL, seeds and shared settings of a study; input checks
   ``schedule``   which (configuration, seed) trials the space still needs, from the storage: resume
   ``storage``    the Optuna storage and study (created, or loaded and checked), sampler, pruner
-  ``heartbeat``  heartbeats of the trials in flight; stale trials of dead workers failed and queued again
+  ``heartbeat``  heartbeats of the trials in flight and the parent run; dead workers' trials failed and queued
+                 again, their runs closed (docs/reliability.md)
   ``trials``     one trial between ask and tell: params, config key, tracking and pruning hooks
   ``runner``     the ask/tell loop: packs, refilled slots, each trial told as it finishes
   ``outcomes``   outcomes, the invocation's report, the printed progress and the parent run's summary

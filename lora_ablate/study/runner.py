@@ -31,7 +31,7 @@ from lora_ablate.study import heartbeat
 from lora_ablate.study.outcomes import Progress, StudyReport, TrialOutcome, best_trial, best_value, study_summary
 from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
-from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists
+from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists, unwritable
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
 from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord
 from lora_ablate.trainers import make_trainer
@@ -53,7 +53,6 @@ class StudyRunner:
         self.ctx = context
         self.progress, self.on_trial = progress, on_trial
         self.seeds = seeds_of(exp)
-        self.stale = heartbeat.StaleTrials()
         self.study = self.storage = None
         self.failed_now: set[int] = set()  # trial numbers that failed in this invocation
         self._per_rank: dict[tuple, int] = {}
@@ -73,16 +72,18 @@ class StudyRunner:
             # a new study: data, eval sets, model and targets load first, so bad input fails before the
             # study exists and leaves no empty study of its name behind
             self.ctx = self._context()
-        self.study, self.storage = load_or_create(self.exp, self.space, self.objective, self.stale)
+        self.study, self.storage = load_or_create(self.exp, self.space, self.objective)
         name = self.study.study_name
         report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
-        self._fail_stale()
+        self._settle()
         first = self._plan()
-        budget = self.exp.study.n_trials or first.remaining
-        if self.space.kind == "grid":
-            budget = min(budget, first.remaining)
-        if budget == 0:
+        # nothing left but, maybe, a trial of a worker killed moments ago: it looks alive until its beat is late
+        idle = first.remaining == 0 and (self.space.kind == "grid" or not self.exp.study.n_trials)
+        if idle and not self._settle(wait=True):
             return self._finish(report, first)
+        # no fixed count without --n-trials: trials of dead workers found stale on the way are queued again,
+        # and this invocation trains them too (the plan, not a count taken at the start, says when to stop)
+        budget = self.exp.study.n_trials or math.inf
         if self.ctx is None:  # resuming: the model loads only when there is something to train
             self.ctx = self._context()
         base = self.ctx.base
@@ -92,22 +93,25 @@ class StudyRunner:
         status = "FAILED"
         self.ctx.evaluator.progress = self.progress
         try:
-            if self.exp.eval.base:
-                base_report = self.ctx.evaluator.run(base.model, base.device)
-                report.base = base_report.flat()
-                self.tracker.log_base(base_report)
-            self._loop(report, budget, self._pack_size())
+            with heartbeat.Heartbeat(self.study, self.tracker.parent_id) as self.beats:
+                if self.exp.eval.base:
+                    base_report = self.ctx.evaluator.run(base.model, base.device)
+                    report.base = base_report.flat()
+                    self.tracker.log_base(base_report)
+                self._loop(report, budget, self._pack_size(), self.exp.study.n_trials or self._plan().remaining)
+                self._settle()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            self.beats = None
             self.tracker.end_study(status, study_summary(self.study))
         return self._finish(report, self._plan(settle=False))  # this run's failures: the next run's work
 
     # -- the loop
 
-    def _loop(self, report: StudyReport, budget: int, pack: int) -> None:
+    def _loop(self, report: StudyReport, budget: float, pack: int, shown: int) -> None:
         self.report, self.budget, self.asked = report, budget, 0
         ctx = self.ctx
         hooks = Hooks(self.flying, self.tracker, self.objective, self.exp.study.pruner != "none")
@@ -115,17 +119,14 @@ class StudyRunner:
         # study.pack=1 is the reference loop; auto on a GPU is the packed engine even if only one trial fits
         trainer = make_trainer(ctx.base, ctx.train, ctx.evaluator, hooks, pack=pack, progress=self.progress,
                                fast=cuda and self.exp.study.pack == "auto", compile=self.exp.study.compiles(cuda))
-        self.bar = Progress(self.study.study_name, budget, self.objective, self.progress)
+        self.bar = Progress(self.study.study_name, shown, self.objective, self.progress)
         try:
-            with heartbeat.Heartbeat(self.storage) as self.beats:
-                try:
-                    while flights := self._ask(pack):
-                        self._train(trainer, flights)
-                except KeyboardInterrupt:  # Ctrl-C, SIGTERM: whatever is in flight is trained again on resume
-                    self._fail_flying(INTERRUPTED)
-                    raise
+            while flights := self._ask(pack):
+                self._train(trainer, flights)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: whatever is in flight is trained again on resume
+            self._fail_flying(INTERRUPTED)
+            raise
         finally:
-            self.beats = None
             self.bar.close()
 
     def _may_ask(self) -> bool:
@@ -173,12 +174,15 @@ class StudyRunner:
     def _ask_one(self) -> InFlight | None:
         from optuna.trial import TrialState
 
-        if not any(t.state == TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
+        while not any(t.state == TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
             p = self._plan()
             nxt = p.todo[0] if p.todo else (p.extra if self.exp.study.n_trials > 0 else None)
-            if nxt is None:
+            if nxt is not None:
+                self.study.enqueue_trial(nxt)
+                break
+            # out of work: a dead worker's trial may still come back; a pack's other trials train on meanwhile
+            if self.flying or not self._settle(wait=True):
                 return None
-            self.study.enqueue_trial(nxt)
         trial = self.study.ask()
         self.asked += 1
         self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
@@ -231,20 +235,25 @@ class StudyRunner:
         if r is not None and r.final is not None:
             for k, v in r.final.flat("final/").items():
                 trial.set_user_attr(k, v)
-        if state == "PRUNED":
-            self.study.tell(trial, state=TrialState.PRUNED)
-        elif state == "COMPLETE":
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.failed_now.add(trial.number)
+
+        def commit():
+            if state == "PRUNED":
+                self.study.tell(trial, state=TrialState.PRUNED)
+            elif state == "COMPLETE":
+                self.study.tell(trial, value)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.failed_now.add(trial.number)
+
+        record = f.record
+        record.state, record.reason, record.result, record.wall_s = state, reason, r, seconds
+        # Optuna is told only once MLflow holds the run's metrics and artifacts (a kill before leaves a stale
+        # trial, trained again; a kill after, a run that the next invocation closes by Optuna's state)
+        record.commit = commit
+        self.tracker.finish_trial(f.run_id, record)
         if f.spec is not None:
             self.flying.pop(f.spec.name, None)
         self.beats.discard(trial)
-        record = f.record
-        record.state, record.reason, record.result, record.wall_s = state, reason, r, seconds
-        if f.run_id:
-            self.tracker.finish_trial(f.run_id, record)
         outcome = TrialOutcome(trial.number, f.params, state, value, reason, seconds, f.run_id, r)
         self.report.outcomes.append(outcome)
         self.bar.told(outcome, best_value(self.study))
@@ -264,7 +273,26 @@ class StudyRunner:
                     frozenset(self.failed_now) if settle else frozenset())
 
     def _fail_stale(self) -> None:
-        heartbeat.fail_stale(self.study, self.stale, self.tracker, self.beats)
+        heartbeat.fail_stale(self.study, self.tracker, self.beats)
+
+    def _settle(self, wait: bool = False) -> int:
+        """Fail dead workers' stale trials (queued again) and close the MLflow runs that dead invocations left
+        RUNNING; with ``wait``, first wait for other workers' late beats (``heartbeat.await_dead``). Returns
+        how many trials were queued again."""
+        name = self.study.study_name
+
+        def parents():
+            return self.tracker.running_parents(name)
+
+        if wait:
+            queued = heartbeat.await_dead(self.study, self.tracker, self.beats, parents)
+        else:
+            queued = heartbeat.fail_stale(self.study, self.tracker, self.beats)
+        finished = {t.user_attrs["mlflow_run_id"]: (t.state.name, t.user_attrs.get("fail_reason", ""))
+                    for t in self.study.get_trials(deepcopy=False)
+                    if t.state.is_finished() and t.user_attrs.get("mlflow_run_id")}
+        self.tracker.close_dead(name, finished, heartbeat.dead_parents(self.study, parents()))
+        return queued
 
     def _context(self):
         from lora_ablate.context import build_context
@@ -305,4 +333,14 @@ def run_study(exp: Experiment, space: Space, tracker: Tracker | None = None, con
     """Run (or resume) the study of ``space`` on ``exp``: everything the space still needs, or
     ``study.n_trials`` trials. ``context`` reuses an already loaded base, data and evaluator. ``on_trial`` is
     called with each outcome as the trial is told (with packs, while the pack's other trials still train)."""
-    return StudyRunner(exp, space, tracker, context, progress, on_trial).run()
+    try:
+        return StudyRunner(exp, space, tracker, context, progress, on_trial).run()
+    except Exception as e:
+        why = unwritable(e)
+        if why is None:
+            raise
+        # every write is ordered so that a store that stops taking them leaves a resumable study (see
+        # docs/reliability.md): one line, not the chain of tracebacks of each layer that met it
+        raise UserError(f"cannot write the study's stores ({why}): {redact(storage_url(exp))}, "
+                        f"{redact(exp.tracking.uri) or 'the workspace MLflow store'}; free space or make them "
+                        "writable, then run the same command again to resume") from None

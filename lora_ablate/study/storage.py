@@ -3,9 +3,10 @@ run's settings), its sampler and pruner."""
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from pathlib import Path
-from typing import Callable
 
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
@@ -13,6 +14,27 @@ from lora_ablate.spaces import Space
 from lora_ablate.study import heartbeat
 from lora_ablate.study.settings import Objective, base_config, storage_url, study_name
 from lora_ablate.workspace import optuna_db, redact
+
+# what SQLite, SQLAlchemy and MLflow say, in the chain of whatever they raise, when a store cannot be written
+_UNWRITABLE = ("database or disk is full", "readonly database", "read-only file system", "disk i/o error",
+               "no space left on device", "unable to open database file")
+_UNWRITABLE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def unwritable(error: BaseException) -> str | None:
+    """Why a store could not be written (a full disk, a read-only store), from the chain of ``error``; None
+    when the error is something else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _UNWRITABLE_ERRNOS:
+            return os.strerror(error.errno)
+        text = str(error).lower()
+        found = next((u for u in _UNWRITABLE if u in text), None)
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def quiet_optuna() -> None:
@@ -24,7 +46,7 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def open_storage(url: str, stale: Callable | None = None):
+def open_storage(url: str):
     import optuna
     import sqlalchemy.exc
 
@@ -32,7 +54,7 @@ def open_storage(url: str, stale: Callable | None = None):
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.HEARTBEAT_S,
-                                          grace_period=heartbeat.GRACE_S, heartbeat_stale_trial_callback=stale)
+                                          grace_period=heartbeat.GRACE_S)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot open Optuna storage {redact(url)}: {first}") from None
@@ -65,14 +87,14 @@ def study_exists(exp: Experiment, space: Space) -> bool:
     return study_name(exp, space) in optuna.study.get_all_study_names(open_storage(storage_url(exp)))
 
 
-def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: heartbeat.StaleTrials):
+def load_or_create(exp: Experiment, space: Space, objective: Objective):
     """(study, storage): the study of this name, created with this run's settings, or loaded if they match."""
     import optuna
 
     url = storage_url(exp)
     if not exp.study.storage:
         Path(exp.study.workspace).mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url, stale)
+    storage = open_storage(url)
     name = study_name(exp, space)
     existing = name in optuna.study.get_all_study_names(storage)
     n_before = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)) if existing else 0
