@@ -14,6 +14,14 @@ projection is beyond what peft offers, so a role subset that covers only part of
 REFUSED with a one-line :class:`UserError`. Asking for all of q, k and v (with or without o and mlp)
 maps to the fused module, whose role in ``TargetPlan.role_of`` is ``"qkv"``.
 
+Architectures the table does not list. Their roles are inferred from the repeated decoder block's module
+names and shapes, checked against the config (hidden size, heads, kv heads, head dim): either separate q, k,
+v (and o) projections under the common names (``q_proj``/``query``/``q``, ...) with widths heads x head dim
+and kv heads x head dim, or one fused matrix whose output width is q + 2 kv. Only what both names and shapes
+make certain is adapted; a role they leave ambiguous is refused when asked for, naming the modules and the
+rule that failed. The row layout of an inferred fused matrix is never guessed (per head interleaved or in
+q|k|v blocks cannot be told from shapes), so only all of q, k, v together is offered there.
+
 Module-name suffixes are matched on whole dotted components, so ``q_proj`` matches
 ``model.layers.0.self_attn.q_proj`` but not ``xq_proj``. Where a bare name is ambiguous the suffix
 carries its parent (gpt2 has both ``attn.c_proj`` and ``mlp.c_proj``).
@@ -72,12 +80,15 @@ class TargetPlan:
     target_modules: str
     module_names: tuple[str, ...]
     role_of: dict = field(hash=False)  # a dict cannot be hashed; the other fields identify the plan
+    table: dict = field(default=None, hash=False, compare=False)  # role -> suffixes; None: _ARCHITECTURES'
+    inferred: bool = False  # the table came from the model's names and shapes, not from _ARCHITECTURES
 
     def describe(self) -> str:
         """One line, e.g. ``llama: q->q_proj, v->v_proj (60 modules)``."""
-        table = _ARCHITECTURES[self.architecture]
+        table = self.table or _ARCHITECTURES[self.architecture]
         parts = [f"{role}->{'+'.join(table[role])}" for role in _table_roles(self.roles, table)]
-        return f"{self.architecture}: {', '.join(parts)} ({len(self.module_names)} modules)"
+        arch = f"{self.architecture} (inferred)" if self.inferred else self.architecture
+        return f"{arch}: {', '.join(parts)} ({len(self.module_names)} modules)"
 
 
 def role_names(model_type: str) -> dict[str, tuple[str, ...]]:
@@ -107,11 +118,18 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
     """The modules of ``model`` that LoRA on ``roles`` adapts, and the peft regex that selects them."""
     roles = _canonical_roles(roles)
     arch = getattr(getattr(model, "config", None), "model_type", None)
-    if arch not in _ARCHITECTURES:
-        raise UserError(
-            f"unknown architecture {arch!r}: no role -> module mapping for it (known architectures: "
-            f"{choices(KNOWN_ARCHITECTURES)}); its linear modules are: {choices(linear_module_suffixes(model))}")
-    table = _ARCHITECTURES[arch]
+    inferred = arch not in _ARCHITECTURES
+    if inferred:
+        table, problems = _infer_table(model, arch)
+        asked = [r for r in roles if r not in table and not (r in _QKV and FUSED in table)]
+        if asked:
+            why = problems.get(asked[0]) or problems.get("attention") or f"no module plays role {asked[0]}"
+            raise UserError(
+                f"unknown architecture {arch!r}: no role -> module mapping for it (known architectures: "
+                f"{choices(KNOWN_ARCHITECTURES)}) and target {asked[0]} cannot be inferred: {why}; its linear "
+                f"modules are: {choices(linear_module_suffixes(model))}")
+    else:
+        table = _ARCHITECTURES[arch]
     _refuse_partial_fused(arch, roles, table)
 
     linear = _linear_modules(model)
@@ -130,7 +148,8 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
     # (?:.*\.)? anchors each suffix on a dotted component whatever the prefix (bare or peft-wrapped model)
     pattern = r"(?:.*\.)?(?:" + "|".join(re.escape(s) for s in suffixes) + r")"
     names = tuple(name for name, _ in linear if name in role_of)
-    return TargetPlan(arch, roles, pattern, names, {name: role_of[name] for name in names})
+    return TargetPlan(arch, roles, pattern, names, {name: role_of[name] for name in names},
+                      table=dict(table) if inferred else None, inferred=inferred)
 
 
 def _canonical_roles(roles: Sequence[str]) -> tuple[str, ...]:
@@ -191,3 +210,183 @@ def _linear_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
         if isinstance(layer, (torch.nn.Linear, Conv1D)):
             out.append((name, module))
     return out
+
+
+# the common names of separate projections; "dense" and "c_proj" count as o only inside an attention block
+_SEPARATE_NAMES = {"q": ("q_proj", "query", "q", "wq"), "k": ("k_proj", "key", "k", "wk"),
+                   "v": ("v_proj", "value", "v", "wv"), "o": ("o_proj", "out_proj", "dense", "c_proj", "o", "wo")}
+_LAYER = re.compile(r"^(.*)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    hidden: int
+    heads: int
+    head_dim: int
+    kv_heads: tuple[int, ...]  # every kv-head count the config states (falcon states several)
+
+    def describe(self, kv: int | None = None) -> str:
+        kvs = kv if kv is not None else "/".join(map(str, self.kv_heads))
+        return f"hidden {self.hidden}, heads {self.heads}, kv heads {kvs}, head dim {self.head_dim}"
+
+
+def _config_shape(config) -> tuple[_Shape | None, str]:
+    def first(*names):
+        for n in names:
+            v = getattr(config, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head", "n_heads")
+    if hidden is None or heads is None:
+        return None, "its config states no hidden size and number of attention heads to check shapes against"
+    head_dim = first("head_dim") or hidden // heads
+    kv = {heads}
+    for n in ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"):
+        if first(n):
+            kv.add(first(n))
+    if getattr(config, "multi_query", False):  # falcon, gpt_bigcode: one k and one v head
+        kv.add(1)
+    return _Shape(hidden, heads, head_dim, tuple(sorted(kv))), ""
+
+
+def _infer_table(model: torch.nn.Module, arch) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """(role -> layer-relative suffixes, role -> why it could not be inferred) for an unlisted architecture.
+
+    The problems key "attention" explains a failure that leaves q, k, v and o all unknown."""
+    if arch is None:
+        return {}, {"attention": "the model has no config.model_type"}
+    shape, why = _config_shape(getattr(model, "config", None))
+    if shape is None:
+        return {}, {"attention": why}
+    layer0 = _first_block(model)
+    if layer0 is None:
+        return {}, {"attention": "no repeated decoder block (modules named <blocks>.<i>.<name>) holds linear layers"}
+    blocks, n_layers, layer = layer0
+    table, problems = {}, {}
+
+    attn_parent = _infer_separate(layer, shape, table, problems)
+    if attn_parent is None:
+        attn_parent = _infer_fused(layer, shape, table, problems)
+    if attn_parent is not None:
+        _infer_mlp(layer, attn_parent, table, problems)
+    # a suffix that also names modules outside the block stack (a vision tower, a second stack) is not certain
+    linear = _linear_modules(model)
+    for role, suffixes in list(table.items()):
+        for s in suffixes:
+            hits = [n for n, _ in linear if _has_suffix(n, s)]
+            if len(hits) != n_layers or any(not n.startswith(blocks + ".") for n in hits):
+                del table[role]
+                problems[role] = (f"{s} names {len(hits)} modules, not exactly one in each of the {n_layers} "
+                                  f"blocks of {blocks}")
+                break
+    return table, problems
+
+
+def _first_block(model) -> tuple[str, int, dict[str, torch.nn.Module]] | None:
+    """(block stack prefix, number of blocks, layer-relative name -> linear layer of block 0) of the stack with
+    the most blocks."""
+    stacks: dict[str, dict[int, dict[str, torch.nn.Module]]] = {}
+    for name, module in _linear_modules(model):
+        m = _LAYER.match(name)
+        if m:
+            layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            stacks.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = layer
+    if not stacks:
+        return None
+    prefix = max(stacks, key=lambda p: len(stacks[p]))
+    return prefix, len(stacks[prefix]), stacks[prefix][min(stacks[prefix])]
+
+
+def _features_of(layer) -> tuple[int, int]:
+    """(in, out) of a Linear or a transformers Conv1D (which stores its weight [in, out])."""
+    if isinstance(layer, Conv1D):
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    return int(layer.in_features), int(layer.out_features)
+
+
+def _shapes(layer: dict[str, torch.nn.Module], names) -> str:
+    return ", ".join(f"{n} [{_features_of(layer[n])[1]}x{_features_of(layer[n])[0]}]" for n in names)
+
+
+def _siblings(layer: dict, parent: str) -> list[str]:
+    return [n for n in layer if n.rpartition(".")[0] == parent]
+
+
+def _infer_separate(layer: dict, shape: _Shape, table: dict, problems: dict) -> str | None:
+    """Separate q, k, v (and o) projections under one parent; returns that parent, or None."""
+    by_parent: dict[str, dict[str, list[str]]] = {}
+    for name in layer:
+        parent, _, leaf = name.rpartition(".")
+        for role, leaves in _SEPARATE_NAMES.items():
+            if leaf in leaves:
+                by_parent.setdefault(parent, {}).setdefault(role, []).append(name)
+    candidates = [p for p, roles in by_parent.items() if all(len(roles.get(r, [])) == 1 for r in _QKV)]
+    if not candidates:
+        problems["attention"] = "no block holds exactly one each of q_proj/query/q, k_proj/key/k, v_proj/value/v"
+        return None
+    if len(candidates) > 1:
+        problems["attention"] = f"several parents hold q/k/v projections ({choices(candidates)})"
+        return None
+    parent = candidates[0]
+    q, k, v = (by_parent[parent][r][0] for r in _QKV)
+    qw = shape.heads * shape.head_dim
+    (q_in, q_out), (k_in, k_out), (v_in, v_out) = (_features_of(layer[n]) for n in (q, k, v))
+    kv = k_out // shape.head_dim if k_out % shape.head_dim == 0 else None
+    rule = (f"q out = heads x head dim = {qw}, k and v out = kv heads x head dim, in = hidden {shape.hidden} "
+            f"({shape.describe()})")
+    if not (q_out == qw and k_out == v_out and kv in shape.kv_heads
+            and q_in == k_in == v_in == shape.hidden):
+        problems["attention"] = f"{_shapes(layer, (q, k, v))} break the rule {rule}"
+        return None
+    table.update(q=(q,), k=(k,), v=(v,))
+    _infer_o(layer, parent, shape, (q, k, v), by_parent[parent].get("o", []), table, problems)
+    return parent
+
+
+def _infer_o(layer: dict, parent: str, shape: _Shape, taken, named: list[str], table: dict, problems: dict) -> None:
+    want = (shape.heads * shape.head_dim, shape.hidden)
+    fits = [n for n in _siblings(layer, parent) if n not in taken and _features_of(layer[n]) == want]
+    by_name = [n for n in fits if n in named]
+    pick = by_name if len(by_name) == 1 else fits
+    if len(pick) == 1:
+        table["o"] = (pick[0],)
+    else:
+        others = [n for n in _siblings(layer, parent) if n not in taken]
+        problems["o"] = (f"the o projection must be the one linear layer next to q/k/v in {parent} with in = "
+                         f"heads x head dim = {want[0]} and out = hidden {want[1]}; found "
+                         f"{len(pick)} among: {_shapes(layer, others) or 'none'}")
+
+
+def _infer_fused(layer: dict, shape: _Shape, table: dict, problems: dict) -> str | None:
+    """One matrix of output width q + 2 kv (for a kv-head count the config states); returns its parent."""
+    widths = {shape.head_dim * (shape.heads + 2 * kv): kv for kv in shape.kv_heads}
+    fits = [n for n in layer if _features_of(layer[n])[0] == shape.hidden and _features_of(layer[n])[1] in widths]
+    if len(fits) != 1:
+        rule = " or ".join(f"{w} (kv heads {kv})" for w, kv in widths.items())
+        separate = problems.get("attention", "")
+        problems["attention"] = (
+            f"{separate}; and {'no' if not fits else 'more than one'} linear layer of a block has in = hidden "
+            f"{shape.hidden} and the fused q/k/v output width q + 2 kv = {rule} ({shape.describe()})"
+            + (f": {_shapes(layer, fits)}" if fits else f"; the block's layers: {_shapes(layer, layer)}"))
+        return None
+    problems.pop("attention", None)
+    fused = fits[0]
+    table[FUSED] = (fused,)
+    parent = fused.rpartition(".")[0]
+    _infer_o(layer, parent, shape, (fused,), [n for n in _siblings(layer, parent)
+                                              if n.rpartition(".")[2] in _SEPARATE_NAMES["o"]], table, problems)
+    return parent
+
+
+def _infer_mlp(layer: dict, attn_parent: str, table: dict, problems: dict) -> None:
+    """The block's other linear layers are its MLP when they all sit in the block or under one child of it."""
+    rest = [n for n in layer if n.rpartition(".")[0] != attn_parent and n not in sum(table.values(), ())]
+    parents = {n.rpartition(".")[0] for n in rest}
+    if len(rest) >= 2 and len(parents) == 1 and "." not in next(iter(parents)):  # "" is the block itself (opt)
+        table["mlp"] = tuple(rest)
+    else:
+        problems["mlp"] = (f"the MLP must be the block's other linear layers (at least two), all in the block or "
+                           f"all under one child of it; found: {choices(rest) or 'none'}")
