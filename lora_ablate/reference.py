@@ -11,17 +11,20 @@ over the steps since the last log).
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from lora_ablate.data import Encoded
-from lora_ablate.errors import one_line
+from lora_ablate.errors import UserError, one_line
 from lora_ablate.evaluation import Evaluator, token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
 from lora_ablate.trial import (
+    BASE_MUTATING_INITS,
     Trainer,
     TrialFailed,
     TrialHooks,
@@ -66,17 +69,35 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
 
     plan = resolve_targets(base.model, spec.lora.targets)
     result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
+    mutates = spec.lora.init in BASE_MUTATING_INITS
+    if mutates and base.quantization != "none":
+        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
+                        f"{base.quantization} base cannot give back exactly; use model.quantization=none")
+    # PiSSA/OLoRA subtract scale * B0 A0 from each adapted weight: kept here to put the shared base back
+    originals = {name: base.model.get_submodule(name).weight.detach().clone() for name in plan.module_names} \
+        if mutates else {}
     torch.manual_seed(spec.train.seed)  # LoRA A init and dropout
     if spec.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
+    initial = tempfile.TemporaryDirectory(prefix="lora-init-") if mutates and spec.adapter_dir is not None else None
     try:
+        if initial is not None:
+            # peft's documented conversion: the untrained A0, B0 saved as a plain (init True) adapter, then
+            # save_pretrained folds -B0 A0 into a rank-2r adapter that fits the ORIGINAL base
+            cfg = model.peft_config["default"]
+            cfg.init_lora_weights = True
+            model.save_pretrained(str(Path(initial.name) / "initial"))
+            cfg.init_lora_weights = spec.lora.init
         result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _train(model, base, spec, data, evaluator, hooks, result, progress)
         if evaluator is not None:
             result.final = evaluator.run(model, base.device)
         if spec.adapter_dir is not None:
-            model.save_pretrained(str(spec.adapter_dir))
+            convert = {"path_initial_model_for_weight_conversion": str(Path(initial.name) / "initial")} \
+                if initial is not None else {}
+            model.save_pretrained(str(spec.adapter_dir), **convert)
+            base.record_identity(spec.adapter_dir)
             result.adapter_dir = spec.adapter_dir
     except TrialPruned as e:
         result.status, result.error = "pruned", str(e) or "pruned"
@@ -85,6 +106,11 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     finally:
         # restore the shared base exactly: the LoRA layers are removed, nothing merged
         base.model = model.unload()
+        with torch.no_grad():
+            for name, weight in originals.items():
+                base.model.get_submodule(name).weight.copy_(weight)
+        if initial is not None:
+            initial.cleanup()
         if spec.train.gradient_checkpointing:
             base.model.gradient_checkpointing_disable()
         base.model.eval()

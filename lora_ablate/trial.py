@@ -87,13 +87,18 @@ class Trainer(ABC):
         (finished, failed or pruned), while others may still train."""
 
 
+# inits that start from A0, B0 != 0 and so subtract scale * B0 A0 from the base weight they adapt (peft's
+# PiSSA, OLoRA): a trial must put the shared base back, and its saved adapter is converted to plain LoRA
+BASE_MUTATING_INITS = ("pissa", "olora")
+
+
 def peft_config(lora: LoraConfig, target_modules):
     import peft
 
+    init = {"default": True}.get(lora.init, lora.init)  # gaussian, pissa, olora are peft's own names
     return peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout,
                            target_modules=target_modules, use_rslora=lora.alpha_rule == "rslora",
-                           init_lora_weights=True if lora.init == "default" else "gaussian",
-                           bias="none", task_type="CAUSAL_LM")
+                           init_lora_weights=init, bias="none", task_type="CAUSAL_LM")
 
 
 def lr_lambda(train: TrainConfig):
