@@ -28,6 +28,7 @@ INITS = ("default", "gaussian", "pissa", "olora")
 # (peft has no conversion back to the original one), so it cannot keep this project's standard adapter format
 _LOFTQ_REFUSAL = ("lora.init=loftq is not offered: peft's LoftQ needs bitsandbytes on a CUDA GPU and its adapter "
                   "only fits the LoftQ-requantized base, not the original one; choose one of: " + ", ".join(INITS))
+FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -103,6 +104,10 @@ class LoraConfig:
                               "plain LoRA on the original base, the shared base is never changed; reference "
                               "path only: study.pack=1)")
 
+    fused_subset: str = _f("refuse", "part of a fused q/k/v matrix (gpt2, gpt_neox, phi3, falcon, bloom): refuse, or "
+                                     "rows (one adapter on the matrix, rank r per adapted role, the other roles' "
+                                     "B rows kept zero; reference path only: study.pack=1)")
+
     def __post_init__(self):
         if isinstance(self.r, bool) or self.r < 1:
             raise UserError(f"lora.r={self.r!r} is not valid; it must be a positive integer (e.g. 1, 2, 4, ..., 64)")
@@ -121,6 +126,7 @@ class LoraConfig:
         if self.init == "loftq":
             raise UserError(_LOFTQ_REFUSAL)
         _one_of("lora", "init", self.init, INITS)
+        _one_of("lora", "fused_subset", self.fused_subset, FUSED_SUBSETS)
 
     @property
     def lora_alpha(self) -> float:

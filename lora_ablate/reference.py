@@ -67,9 +67,12 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
               hooks: TrialHooks, progress: bool = True) -> TrialResult:
     import peft
 
-    plan = resolve_targets(base.model, spec.lora.targets)
+    plan = resolve_targets(base.model, spec.lora.targets, spec.lora.fused_subset)
     result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
     mutates = spec.lora.init in BASE_MUTATING_INITS
+    if mutates and plan.fused_rows:
+        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
+                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
     if mutates and base.quantization != "none":
         raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
                         f"{base.quantization} base cannot give back exactly; use model.quantization=none")
@@ -79,7 +82,8 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     torch.manual_seed(spec.train.seed)  # LoRA A init and dropout
     if spec.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
+    model = peft.get_peft_model(base.model, lora_config(spec, plan))
+    masked = fused_row_masks(model, plan, spec.lora.r)
     initial = tempfile.TemporaryDirectory(prefix="lora-init-") if mutates and spec.adapter_dir is not None else None
     try:
         if initial is not None:
@@ -89,7 +93,9 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
             cfg.init_lora_weights = True
             model.save_pretrained(str(Path(initial.name) / "initial"))
             cfg.init_lora_weights = spec.lora.init
-        result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # B entries held at zero by a row mask are not trained parameters
+        result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad) \
+            - sum(int((m == 0).sum()) for m in masked)
         _train(model, base, spec, data, evaluator, hooks, result, progress)
         if evaluator is not None:
             result.final = evaluator.run(model, base.device)
@@ -117,6 +123,31 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def lora_config(spec: TrialSpec, plan):
+    """The peft config of a trial on ``plan`` (rank r per adapted role on a part-adapted fused matrix)."""
+    fused = (plan.fused_suffix, len(next(iter(plan.fused_rows.values())))) if plan.fused_rows else None
+    return peft_config(spec.lora, plan.target_modules, fused)
+
+
+def fused_row_masks(model, plan, r: int) -> list[torch.Tensor]:
+    """Keep each part-adapted fused matrix's B block-structured: role i's rows use only B's columns
+    i*r..(i+1)*r, the rows of roles left out stay exactly zero. B starts at zero and a masked gradient is zero
+    there, so AdamW's moments and update are zero there too (weight decay of zero is zero): no drift, ever.
+    Returns the masks (1 = trained)."""
+    masks = []
+    for name, rows in plan.fused_rows.items():
+        layer = model.base_model.model.get_submodule(name)
+        weight = layer.lora_B["default"].weight
+        mask = torch.zeros_like(weight)
+        for i, role_rows in enumerate(rows.values()):
+            mask[role_rows.to(weight.device), i * r:(i + 1) * r] = 1
+        with torch.no_grad():
+            weight.mul_(mask)
+        weight.register_hook(lambda g, m=mask: g * m)
+        masks.append(mask)
+    return masks
 
 
 def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialHooks, result: TrialResult,

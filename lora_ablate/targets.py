@@ -82,11 +82,23 @@ class TargetPlan:
     role_of: dict = field(hash=False)  # a dict cannot be hashed; the other fields identify the plan
     table: dict = field(default=None, hash=False, compare=False)  # role -> suffixes; None: _ARCHITECTURES'
     inferred: bool = False  # the table came from the model's names and shapes, not from _ARCHITECTURES
+    # fused_subset="rows": fused module name -> {adapted role: its output rows}; empty when no part is adapted
+    fused_rows: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def _label(self, role: str) -> str:
+        if role == FUSED and self.fused_rows:  # e.g. "q+v rows of" the fused matrix
+            return "+".join(r for r in _QKV if r in self.roles) + " rows of " + FUSED
+        return role
+
+    @property
+    def fused_suffix(self) -> str | None:
+        """The fused matrix's suffix when only part of it is adapted (its adapter then has rank r per role)."""
+        return (self.table or _ARCHITECTURES[self.architecture])[FUSED][0] if self.fused_rows else None
 
     def describe(self) -> str:
         """One line, e.g. ``llama: q->q_proj, v->v_proj (60 modules)``."""
         table = self.table or _ARCHITECTURES[self.architecture]
-        parts = [f"{role}->{'+'.join(table[role])}" for role in _table_roles(self.roles, table)]
+        parts = [f"{self._label(role)}->{'+'.join(table[role])}" for role in _table_roles(self.roles, table)]
         arch = f"{self.architecture} (inferred)" if self.inferred else self.architecture
         return f"{arch}: {', '.join(parts)} ({len(self.module_names)} modules)"
 
@@ -114,8 +126,11 @@ def linear_module_suffixes(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)})
 
 
-def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
-    """The modules of ``model`` that LoRA on ``roles`` adapts, and the peft regex that selects them."""
+def resolve_targets(model: torch.nn.Module, roles: Sequence[str], fused_subset: str = "refuse") -> TargetPlan:
+    """The modules of ``model`` that LoRA on ``roles`` adapts, and the peft regex that selects them.
+
+    ``fused_subset="rows"``: a subset of q, k, v on a fused matrix adapts that matrix, and the plan's
+    ``fused_rows`` say which output rows each adapted role owns (the trainer keeps the others' B rows zero)."""
     roles = _canonical_roles(roles)
     arch = getattr(getattr(model, "config", None), "model_type", None)
     inferred = arch not in _ARCHITECTURES
@@ -130,7 +145,12 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
                 f"modules are: {choices(linear_module_suffixes(model))}")
     else:
         table = _ARCHITECTURES[arch]
-    _refuse_partial_fused(arch, roles, table)
+    partial = FUSED in table and 0 < len([r for r in _QKV if r in roles]) < len(_QKV)
+    if partial and fused_subset == "rows" and arch not in _FUSED_LAYOUTS:
+        raise UserError(f"{arch} fuses q, k and v in one matrix ({choices(table[FUSED])}) whose row layout per role "
+                        f"is not known for {arch}; targets [{', '.join(roles)}] need it: use all of q, k, v or none")
+    if not (partial and fused_subset == "rows"):
+        _refuse_partial_fused(arch, roles, table)
 
     linear = _linear_modules(model)
     role_of: dict[str, str] = {}
@@ -148,8 +168,16 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str]) -> TargetPlan:
     # (?:.*\.)? anchors each suffix on a dotted component whatever the prefix (bare or peft-wrapped model)
     pattern = r"(?:.*\.)?(?:" + "|".join(re.escape(s) for s in suffixes) + r")"
     names = tuple(name for name, _ in linear if name in role_of)
+    fused_rows = {}
+    if partial:
+        for name in names:
+            if _has_suffix(name, table[FUSED][0]):
+                rows = _FUSED_LAYOUTS[arch](_config_shape(model.config)[0], _features_of(_base(model, name))[1],
+                                            model.config)
+                fused_rows[name] = {r: rows[r] for r in _QKV if r in roles}
+                role_of[name] = FUSED
     return TargetPlan(arch, roles, pattern, names, {name: role_of[name] for name in names},
-                      table=dict(table) if inferred else None, inferred=inferred)
+                      table=dict(table) if inferred or partial else None, inferred=inferred, fused_rows=fused_rows)
 
 
 def _canonical_roles(roles: Sequence[str]) -> tuple[str, ...]:
@@ -178,7 +206,7 @@ def _table_roles(roles: tuple[str, ...], table: dict) -> list[str]:
     """The table keys for ``roles``: q, k, v collapse into "qkv" on fused architectures."""
     if FUSED not in table:
         return list(roles)
-    out = [FUSED] if set(_QKV) <= set(roles) else []
+    out = [FUSED] if any(r in roles for r in _QKV) else []
     return out + [r for r in roles if r not in _QKV]
 
 
@@ -390,3 +418,33 @@ def _infer_mlp(layer: dict, attn_parent: str, table: dict, problems: dict) -> No
     else:
         problems["mlp"] = (f"the MLP must be the block's other linear layers (at least two), all in the block or "
                            f"all under one child of it; found: {choices(rest) or 'none'}")
+
+
+def _base(model, name):
+    layer = model.get_submodule(name)
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def _blocks(shape: _Shape, width: int, config) -> dict[str, torch.Tensor]:
+    """[q | k | v], each head-major: gpt2 c_attn, phi3 qkv_proj, falcon multi-query."""
+    idx, q = torch.arange(width), shape.heads * shape.head_dim
+    kv = (width - q) // 2
+    return {"q": idx[:q], "k": idx[q:q + kv], "v": idx[q + kv:]}
+
+
+def _per_head(shape: _Shape, width: int, config) -> dict[str, torch.Tensor]:
+    """[heads, (q, k, v), head dim]: gpt_neox, bloom, falcon without multi-query."""
+    grid = torch.arange(width).view(shape.heads, 3, shape.head_dim)
+    return {r: grid[:, i].reshape(-1) for i, r in enumerate(_QKV)}
+
+
+def _falcon(shape: _Shape, width: int, config) -> dict[str, torch.Tensor]:
+    if getattr(config, "new_decoder_architecture", False):  # [kv groups, (q..., k, v), head dim]
+        kv = (width // shape.head_dim - shape.heads) // 2
+        grid = torch.arange(width).view(kv, shape.heads // kv + 2, shape.head_dim)
+        return {"q": grid[:, :-2].reshape(-1), "k": grid[:, -2].reshape(-1), "v": grid[:, -1].reshape(-1)}
+    return _blocks(shape, width, config) if getattr(config, "multi_query", False) else _per_head(shape, width, config)
+
+
+# model_type -> the output rows of q, k and v in its fused matrix, as its attention splits them
+_FUSED_LAYOUTS = {"gpt2": _blocks, "phi3": _blocks, "gpt_neox": _per_head, "bloom": _per_head, "falcon": _falcon}
