@@ -13,6 +13,10 @@ mean something different on such models than on llama, and slicing the adapter o
 projection is beyond what peft offers, so a role subset that covers only part of a fused matrix is
 REFUSED with a one-line :class:`UserError`. Asking for all of q, k and v (with or without o and mlp)
 maps to the fused module, whose role in ``TargetPlan.role_of`` is ``"qkv"``.
+With ``fused_subset="rows"`` (``lora.fused_subset``) a subset is expressible after all, in the standard peft
+format: one adapter on the fused matrix with rank r per adapted role, where the trainer holds B's rows of the
+roles left out at exactly zero; ``TargetPlan.fused_rows`` says which output rows each role owns, from the
+architecture's own split of the matrix (``_FUSED_LAYOUTS``: [q|k|v] blocks, per head, or per kv group).
 
 Architectures the table does not list. Their roles are inferred from the repeated decoder block's module
 names and shapes, checked against the config (hidden size, heads, kv heads, head dim): either separate q, k,
