@@ -32,7 +32,12 @@ ALPHA_RULES = ("rank", "free", "rslora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEMPLATES = ("alpaca", "chat")
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora")
+# peft's LoftQ quantizes with bitsandbytes on a CUDA device and pairs its adapter with that requantized base
+# (peft has no conversion back to the original one), so it cannot keep this project's standard adapter format
+_LOFTQ_REFUSAL = ("lora.init=loftq is not offered: peft's LoftQ needs bitsandbytes on a CUDA GPU and its adapter "
+                  "only fits the LoftQ-requantized base, not the original one; choose one of: " + ", ".join(INITS))
+FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -103,7 +108,14 @@ class LoraConfig:
     dropout: float = _f(0.0, "dropout on the LoRA input")
     targets: tuple = _f(("q", "v"),
                         "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
-    init: str = _f("default", "LoRA A init: default (Kaiming-uniform, peft's default) or gaussian; B is always zero")
+    init: str = _f("default", "LoRA init: default (Kaiming-uniform A, peft's default) or gaussian (B zero); pissa "
+                              "or olora (A, B from the base weight's SVD / QR; saved adapters are converted to "
+                              "plain LoRA on the original base, the shared base is never changed; reference "
+                              "path only: study.pack=1)")
+
+    fused_subset: str = _f("refuse", "part of a fused q/k/v matrix (gpt2, gpt_neox, phi3, falcon, bloom): refuse, or "
+                                     "rows (one adapter on the matrix, rank r per adapted role, the other roles' "
+                                     "B rows kept zero; reference path only: study.pack=1)")
 
     def __post_init__(self):
         if isinstance(self.r, bool) or self.r < 1:
@@ -120,7 +132,10 @@ class LoraConfig:
         if len(set(self.targets)) != len(self.targets):
             raise UserError(f"lora.targets={list(self.targets)} repeats a target")
         object.__setattr__(self, "targets", canonical_roles(self.targets))
+        if self.init == "loftq":
+            raise UserError(_LOFTQ_REFUSAL)
         _one_of("lora", "init", self.init, INITS)
+        _one_of("lora", "fused_subset", self.fused_subset, FUSED_SUBSETS)
 
     @property
     def lora_alpha(self) -> float:

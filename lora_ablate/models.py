@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
 GGUF_ENV = "LORA_ABLATE_GGUF"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the repository the embedded GGUF was quantized from; its weights are the GGUF's dequantized ones, not the
+# hub's bf16 ones, which is why the identity also carries the GGUF file's sha256
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_IDENTITY_FILE = "base_model.json"  # next to adapter_config.json: what the adapter was trained on
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +41,78 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quantization: str = "none"
+    # model (the model.name that loads it again), hub_id, path, gguf_file, gguf_sha256: what is known
+    identity: dict = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
         return self.model.config.model_type
+
+    @property
+    def name_or_path(self) -> str:
+        """What an adapter's ``base_model_name_or_path`` says: the hub id where known, else the path or name."""
+        return self.identity.get("hub_id") or self.identity.get("path") or self.identity.get("model") or self.name
+
+    def record_identity(self, adapter_dir: Path) -> None:
+        """Stamp a saved adapter directory with the base it was trained on (both training paths call this)."""
+        cfg_file = Path(adapter_dir) / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = self.name_or_path
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (Path(adapter_dir) / BASE_IDENTITY_FILE).write_text(json.dumps(self.identity, indent=2, sort_keys=True))
+
+
+def base_identity(name: str) -> dict:
+    """The real identity of the base ``model.name`` names: hub id where known, absolute path, GGUF sha256."""
+    if name == TINY_MODEL:
+        return {"model": TINY_MODEL}  # built in-process from lora_ablate/tiny.py, the same in every process
+    where, gguf = _locate(name)
+    if gguf:
+        path = Path(where) / gguf
+        out = {"model": name if name == DEFAULT_MODEL else str(path.resolve()), "gguf_file": str(path.resolve()),
+               "gguf_sha256": gguf_sha256(path)}
+        if name == DEFAULT_MODEL:
+            out["hub_id"] = EMBEDDED_HUB_ID
+        return out
+    if Path(where).exists():
+        return {"model": str(Path(where).resolve()), "path": str(Path(where).resolve())}
+    return {"model": name, "hub_id": name}
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, remembered under the cache key of its path, size and mtime (hashing ~100 MB on
+    every load is not free)."""
+    path = Path(path)
+    key = _file_key(path)
+    memo = _cache_root() / f"sha256-{key}"
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
+    tmp.write_text(h.hexdigest())
+    tmp.replace(memo)
+    return h.hexdigest()
+
+
+def base_name_of_adapter(adapter_dir: Path) -> str | None:
+    """The ``model.name`` that loads the base a saved adapter records, or None when it records none."""
+    adapter_dir = Path(adapter_dir)
+    ident_file = adapter_dir / BASE_IDENTITY_FILE
+    ident = json.loads(ident_file.read_text()) if ident_file.is_file() else {}
+    if not ident:
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        ident = {"hub_id": recorded} if recorded else {}
+    if ident.get("hub_id") == EMBEDDED_HUB_ID and (sha := ident.get("gguf_sha256")):
+        ours = gguf_sha256(default_gguf())
+        if sha != ours:
+            raise UserError(f"adapter {str(adapter_dir)!r} was trained on a GGUF of {EMBEDDED_HUB_ID} with sha256 "
+                            f"{sha[:12]}..., the embedded one is {ours[:12]}...; give --config with its model.name")
+        return DEFAULT_MODEL
+    return ident.get("model") or ident.get("path") or ident.get("hub_id")
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -99,7 +172,7 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
     if cfg.quantization == "none":
         model.to(device=device, dtype=dtype)
     model.eval()
-    return LoadedModel(model, tok, cfg.name, source, device, dtype, cfg.quantization)
+    return LoadedModel(model, tok, cfg.name, source, device, dtype, cfg.quantization, base_identity(cfg.name))
 
 
 def _locate(name: str) -> tuple[str, str | None]:
@@ -175,8 +248,7 @@ def _dequantized_cache(where: str, gguf: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(where) / gguf
-    key = hashlib.sha256(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate")) / f"gguf-fp32-{key}"
+    cache = _cache_root() / f"gguf-fp32-{_file_key(src)}"
     if not (cache / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
         _forget_gguf_quantizer(model)
@@ -189,3 +261,11 @@ def _dequantized_cache(where: str, gguf: str) -> str:
         except OSError:  # another process got there first: its checkpoint is the same
             shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LORA_ABLATE_CACHE", Path.home() / ".cache" / "lora_ablate"))
+
+
+def _file_key(src: Path) -> str:
+    return hashlib.sha256(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:16]

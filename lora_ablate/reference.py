@@ -11,17 +11,20 @@ over the steps since the last log).
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from lora_ablate.data import Encoded
-from lora_ablate.errors import one_line
+from lora_ablate.errors import UserError, one_line
 from lora_ablate.evaluation import Evaluator, token_nll
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
 from lora_ablate.trial import (
+    BASE_MUTATING_INITS,
     Trainer,
     TrialFailed,
     TrialHooks,
@@ -64,22 +67,46 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
               hooks: TrialHooks, progress: bool = True) -> TrialResult:
     import peft
 
-    plan = resolve_targets(base.model, spec.lora.targets)
+    plan = resolve_targets(base.model, spec.lora.targets, spec.lora.fused_subset)
     result = TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
     if error := plan.rank_error(spec.lora.r):  # refused before training, not trained and saved at full size
         result.status, result.error = "failed", error
         return result
+    mutates = spec.lora.init in BASE_MUTATING_INITS
+    if mutates and plan.fused_rows:
+        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
+                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
+    if mutates and base.quantization != "none":
+        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
+                        f"{base.quantization} base cannot give back exactly; use model.quantization=none")
+    # PiSSA/OLoRA subtract scale * B0 A0 from each adapted weight: kept here to put the shared base back
+    originals = {name: base.model.get_submodule(name).weight.detach().clone() for name in plan.module_names} \
+        if mutates else {}
     torch.manual_seed(spec.train.seed)  # LoRA A init and dropout
     if spec.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
+    model = peft.get_peft_model(base.model, lora_config(spec, plan))
+    masked = fused_row_masks(model, plan, spec.lora.r)
+    initial = tempfile.TemporaryDirectory(prefix="lora-init-") if mutates and spec.adapter_dir is not None else None
     try:
-        result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if initial is not None:
+            # peft's documented conversion: the untrained A0, B0 saved as a plain (init True) adapter, then
+            # save_pretrained folds -B0 A0 into a rank-2r adapter that fits the ORIGINAL base
+            cfg = model.peft_config["default"]
+            cfg.init_lora_weights = True
+            model.save_pretrained(str(Path(initial.name) / "initial"))
+            cfg.init_lora_weights = spec.lora.init
+        # B entries held at zero by a row mask are not trained parameters
+        result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad) \
+            - sum(int((m == 0).sum()) for m in masked)
         _train(model, base, spec, data, evaluator, hooks, result, progress)
         if evaluator is not None:
             result.final = evaluator.run(model, base.device)
         if spec.adapter_dir is not None:
-            model.save_pretrained(str(spec.adapter_dir))
+            convert = {"path_initial_model_for_weight_conversion": str(Path(initial.name) / "initial")} \
+                if initial is not None else {}
+            model.save_pretrained(str(spec.adapter_dir), **convert)
+            base.record_identity(spec.adapter_dir)
             result.adapter_dir = spec.adapter_dir
     except TrialPruned as e:
         result.status, result.error = "pruned", str(e) or "pruned"
@@ -88,12 +115,42 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     finally:
         # restore the shared base exactly: the LoRA layers are removed, nothing merged
         base.model = model.unload()
+        with torch.no_grad():
+            for name, weight in originals.items():
+                base.model.get_submodule(name).weight.copy_(weight)
+        if initial is not None:
+            initial.cleanup()
         if spec.train.gradient_checkpointing:
             base.model.gradient_checkpointing_disable()
         base.model.eval()
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def lora_config(spec: TrialSpec, plan):
+    """The peft config of a trial on ``plan`` (rank r per adapted role on a part-adapted fused matrix)."""
+    fused = (plan.fused_suffix, len(next(iter(plan.fused_rows.values())))) if plan.fused_rows else None
+    return peft_config(spec.lora, plan.target_modules, fused)
+
+
+def fused_row_masks(model, plan, r: int) -> list[torch.Tensor]:
+    """Keep each part-adapted fused matrix's B block-structured: role i's rows use only B's columns
+    i*r..(i+1)*r, the rows of roles left out stay exactly zero. B starts at zero and a masked gradient is zero
+    there, so AdamW's moments and update are zero there too (weight decay of zero is zero): no drift, ever.
+    Returns the masks (1 = trained)."""
+    masks = []
+    for name, rows in plan.fused_rows.items():
+        layer = model.base_model.model.get_submodule(name)
+        weight = layer.lora_B["default"].weight
+        mask = torch.zeros_like(weight)
+        for i, role_rows in enumerate(rows.values()):
+            mask[role_rows.to(weight.device), i * r:(i + 1) * r] = 1
+        with torch.no_grad():
+            weight.mul_(mask)
+        weight.register_hook(lambda g, m=mask: g * m)
+        masks.append(mask)
+    return masks
 
 
 def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialHooks, result: TrialResult,

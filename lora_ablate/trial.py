@@ -87,13 +87,28 @@ class Trainer(ABC):
         (finished, failed or pruned), while others may still train."""
 
 
-def peft_config(lora: LoraConfig, target_modules):
+# inits that start from A0, B0 != 0 and so subtract scale * B0 A0 from the base weight they adapt (peft's
+# PiSSA, OLoRA): a trial must put the shared base back, and its saved adapter is converted to plain LoRA
+BASE_MUTATING_INITS = ("pissa", "olora")
+
+
+def peft_config(lora: LoraConfig, target_modules, fused: tuple[str, int] | None = None):
+    """``fused``: (suffix, roles) of a fused q/k/v matrix adapted in part: its adapter gets rank r per adapted
+    role and the alpha that keeps the trial's scale (stock peft reads both back from rank/alpha_pattern)."""
+    import re
+
     import peft
 
+    init = {"default": True}.get(lora.init, lora.init)  # gaussian, pissa, olora are peft's own names
+    patterns = {}
+    if fused is not None:
+        rank = lora.r * fused[1]
+        alpha = lora.scaling * (math.sqrt(rank) if lora.alpha_rule == "rslora" else rank)
+        key = re.escape(fused[0])
+        patterns = {"rank_pattern": {key: rank}, "alpha_pattern": {key: alpha}}
     return peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.dropout,
                            target_modules=target_modules, use_rslora=lora.alpha_rule == "rslora",
-                           init_lora_weights=True if lora.init == "default" else "gaussian",
-                           bias="none", task_type="CAUSAL_LM")
+                           init_lora_weights=init, bias="none", task_type="CAUSAL_LM", **patterns)
 
 
 def lr_lambda(train: TrainConfig):

@@ -9,6 +9,7 @@ from pathlib import Path
 from lora_ablate.config import build_experiment, load_yaml
 from lora_ablate.context import build_context
 from lora_ablate.errors import UserError
+from lora_ablate.models import base_name_of_adapter
 from lora_ablate.workspace import check_writable
 
 WEIGHTS = "adapter_model.safetensors"
@@ -99,7 +100,14 @@ def evaluate_adapter(adapter: Path, config: Path | None = None, overrides: list[
     adapter_dir = adapter / "adapter" if (adapter / "adapter" / "adapter_config.json").is_file() else adapter
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{str(adapter)!r} is not a PEFT adapter folder (no adapter_config.json) nor a run folder")
-    raw = load_yaml(config or find_run_config(adapter_dir))
+    try:
+        raw = load_yaml(config or find_run_config(adapter_dir))
+    except UserError:
+        # a bare adapter folder: the base it records (base_model.json / base_model_name_or_path) loads it
+        name = base_name_of_adapter(adapter_dir) if config is None else None
+        if name is None:
+            raise
+        raw = {"model": {"name": name}}
     raw.pop("study", None)
     exp = build_experiment(raw, list(overrides))
     shapes = read_adapter(adapter_dir)

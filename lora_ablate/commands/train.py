@@ -40,7 +40,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
         run.yaml("config.yaml", redacted(exp).to_dict())
-        run.json("environment.json", {**environment(), "model_source": base.source})
+        run.json("environment.json", {**environment(), "model_source": base.source, "base_model": base.identity})
         metrics = {
             "model": exp.model.name, "targets": result.targets, "scaling": result.scaling,
             "base": report_base.metrics if report_base else None,

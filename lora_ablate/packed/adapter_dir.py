@@ -16,7 +16,7 @@ def export_adapter(pack: Pack, slot: Slot, dest: Path) -> None:
     from safetensors.torch import save_file
 
     cfg = peft_config(slot.spec.lora, slot.plan.target_modules)
-    cfg.base_model_name_or_path = pack.model.__dict__.get("name_or_path") or None
+    cfg.base_model_name_or_path = pack.base.name_or_path
     cfg.inference_mode = True
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -26,3 +26,4 @@ def export_adapter(pack: Pack, slot: Slot, dest: Path) -> None:
         state[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
         state[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
     save_file(state, str(dest / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    pack.base.record_identity(dest)

@@ -7,9 +7,10 @@ from typing import Sequence
 
 import torch
 
+from lora_ablate.errors import UserError
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.layers import PackedLoraLinear, _features
-from lora_ablate.trial import TrialSpec
+from lora_ablate.trial import BASE_MUTATING_INITS, TrialSpec
 
 
 def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -20,6 +21,10 @@ def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str]) -
     a=sqrt(5), or normal std 1/r) and zeroes B; the weights are then cast to the base layer's dtype and
     upcast back to fp32 (peft's autocast_adapter_dtype). Same calls, same shapes, same order here.
     """
+    if spec.lora.init in BASE_MUTATING_INITS:
+        # these inits move scale * B0 A0 out of the base weight: per trial, which one shared frozen base cannot do
+        raise UserError(f"lora.init={spec.lora.init} changes the base weights per trial, which the packed engine "
+                        f"shares between trials; use --pack 1 (study.pack=1: the reference peft loop)")
     r = spec.lora.r
     torch.manual_seed(spec.train.seed)  # as train_one does right before get_peft_model
     out = {}
