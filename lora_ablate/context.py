@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
-from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_set, load_train
+from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_sets, load_train
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel, load_base
 
@@ -20,7 +20,7 @@ class Context:
 
 
 def _setup_data(data: DataConfig, ev: EvalConfig, with_train: bool = True) -> tuple[list[Example], list[EvalSet]]:
-    return (load_train(data) if with_train else []), [load_eval_set(name, ev.size, data.seed) for name in ev.sets]
+    return (load_train(data) if with_train else []), load_eval_sets(ev, data)
 
 
 def _setup_model(model: ModelConfig) -> LoadedModel:
