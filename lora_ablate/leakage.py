@@ -104,33 +104,36 @@ class SetOverlap:
         return len(self.rows) / self.n if self.n else 0.0
 
 
-def overlap(train, heldout, name: str = "", n: int = N, threshold: float = NEAR) -> SetOverlap:
-    """The held-out examples of ``heldout`` that also occur in ``train`` (both iterables of ``Example``)."""
-    heldout = list(heldout)
+def matches(train, heldout, n: int = N, threshold: float = NEAR):
+    """Every (held-out index, train index, kind, field, jaccard) match, streaming ``train`` once."""
     prompts, contents, refs = Index(n), Index(n), Index(n)
     for i, ex in enumerate(heldout):
         p, c, r = _texts(ex, n)
         prompts.add(i, p)
         contents.add(i, c, exact=False)
         refs.add(i, r)
-    found: dict[int, dict] = {}
-
-    def hit(i: int, kind: str, what: str, t: int, jaccard: float = 1.0):
-        old = found.get(i)
-        if old is None or (old["kind"] == "near" and kind == "exact"):
-            found[i] = {"set": name, "idx": i, "kind": kind, "field": what, "train_idx": t,
-                        "jaccard": round(jaccard, 4), "prompt": heldout[i].instruction[:200]}
-
     for t, ex in enumerate(train):
         p, c, r = _texts(ex, n)
         for i in prompts.exact_hits(p):
-            hit(i, "exact", "prompt", t)
+            yield i, t, "exact", "prompt", 1.0
         for i in refs.exact_hits(r):
-            hit(i, "exact", "reference", t)
+            yield i, t, "exact", "reference", 1.0
         for i, j in contents.near_hits(c, threshold).items():
-            hit(i, "near", "prompt", t, j)
+            yield i, t, "near", "prompt", j
         for i, j in refs.near_hits(r, threshold).items():
-            hit(i, "near", "reference", t, j)
+            yield i, t, "near", "reference", j
+
+
+def overlap(train, heldout, name: str = "", n: int = N, threshold: float = NEAR) -> SetOverlap:
+    """The held-out examples of ``heldout`` that also occur in ``train`` (both iterables of ``Example``), each
+    with its first match (an exact one if there is any)."""
+    heldout = list(heldout)
+    found: dict[int, dict] = {}
+    for i, t, kind, what, j in matches(train, heldout, n, threshold):
+        old = found.get(i)
+        if old is None or (old["kind"] == "near" and kind == "exact"):
+            found[i] = {"set": name, "idx": i, "kind": kind, "field": what, "train_idx": t,
+                        "jaccard": round(j, 4), "prompt": heldout[i].instruction[:200]}
     return SetOverlap(name, len(heldout), [found[i] for i in sorted(found)])
 
 

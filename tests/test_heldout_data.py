@@ -92,3 +92,125 @@ def test_squad_match_metric_agrees_with_the_leakage_normalisation():
     preds, refs = ["The Eiffel  Tower!", "an apple", "Paris"], ["eiffel tower", "Apple.", "London"]
     assert score("squad_match", preds, refs) == (pytest.approx(2 / 3), [1.0, 1.0, 0.0])
     assert normalize("  The Eiffel, Tower!! ") == "eiffel tower"
+
+
+# ----------------------------------------------------------------------------- leakage
+
+
+def ex(instruction, inp="", out="x"):
+    return Example(instruction, inp, out)
+
+
+def test_overlap_exact_and_near():
+    from lora_ablate.leakage import overlap
+
+    long = "the quick brown fox jumps over the lazy dog near the river bank today"
+    train = [ex("Summarise.", long), ex("What is 2+2?", "", "4"), ex("Other.", "completely different words here")]
+    held = [ex("summarise!", long),                          # exact after normalisation
+            ex("Rewrite.", long.replace("today", "tonight")),  # near: most 8-grams shared
+            ex("What is 3+3?", "", "6"),                      # short, different
+            ex("Reverse the letters of the given word.", "pebble")]
+    got = overlap(train, held, "h")
+    assert [(r["idx"], r["kind"], r["train_idx"]) for r in got.rows] == [(0, "exact", 0), (1, "near", 0)]
+    assert got.rows[1]["jaccard"] >= 0.5 and (got.exact, got.near, got.fraction) == (1, 1, 0.5)
+
+
+def test_builtin_splits_do_not_leak():
+    from lora_ablate.data import load_examples
+    from lora_ablate.leakage import overlap
+
+    train = load_examples("builtin:train", size=400)
+    for split in ("heldout_instances", "heldout_tasks"):
+        assert overlap(train, load_examples(f"builtin:{split}", size=100)).rows == []
+
+
+def test_check_refuses_above_max_leakage(tmp_path):
+    from lora_ablate.leakage import check_experiment
+
+    rows = [{"instruction": f"Tell me about item number {i} in the list", "output": f"It is {i}"} for i in range(20)]
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+    exp = build_experiment({}, [f"data.train={path}", "data.train_size=0", f"eval.sets=[{path}, heldout_tasks]",
+                                "eval.size=8"])
+    with pytest.raises(UserError, match=r"held-out set 'rows': 100.0% of its 8 examples .* data.max_leakage=1"):
+        check_experiment(exp, echo=lambda line: None)
+    lines = []
+    leak = check_experiment(build_experiment(exp.to_dict(), ["data.max_leakage=1"]), echo=lines.append)
+    assert leak.summary["rows"] == {"n": 8, "exact": 8, "near": 0, "fraction": 1.0}
+    assert leak.summary["heldout_tasks"]["fraction"] == 0 and leak.metrics["leakage/rows/exact"] == 8.0
+    assert lines[0].startswith("leakage: rows: 8/8") and len(leak.rows) == 8
+    with pytest.raises(UserError, match="max_leakage"):
+        DataConfig(max_leakage=2)
+
+
+def test_train_refuses_a_leaking_run_before_writing(tmp_path, capsys):
+    from lora_ablate.cli import main
+
+    path = jsonl(tmp_path / "rows.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(8)])
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "model.name=tiny-llama", f"data.train={path}", f"eval.sets=[{path}]"])
+    assert rc != 0 and not out.exists()
+    assert "held-out set 'rows': 100.0%" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_file(tmp_path, pool, **extra):
+    lines = [f"name: demo\npool: {pool}\nfields: {{prompt: prompt, completion: completion}}\ngroup_by: template\n"
+             "prefixes: [alpha, beta, beta_x, gamma, delta]\nheldout_tasks: [gamma]\n"
+             "sizes: {heldout_instances: 6, heldout_tasks: 5}\n"] + [f"{k}: {v}\n" for k, v in extra.items()]
+    path = tmp_path / "demo.yaml"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def pool_rows():
+    rows = []
+    for t in ("alpha_a", "beta_b", "beta_x_c", "gamma_g", "delta_d"):
+        rows += [{"template": t, "prompt": f"{t} prompt number {i} with some words in it for {t}",
+                  "completion": f"{t}-{i}"} for i in range(12)]
+    return rows
+
+
+def test_split_by_longest_prefix(tmp_path):
+    from lora_ablate.splits import load_split, partition
+
+    spec = split_file(tmp_path, jsonl(tmp_path / "pool.jsonl.gz", pool_rows(), gz=True))
+    split = load_split(spec)
+    assert split.group_of("beta_x_c") == "beta_x" and split.group_of("beta_b") == "beta"
+    with pytest.raises(UserError, match="matches no task rule"):
+        split.group_of("omega_z")
+    parts = {p: load_examples(f"split:{spec}:{p}") for p in ("train", "heldout_instances", "heldout_tasks")}
+    assert len(parts["heldout_instances"]) == 6 and len(parts["heldout_tasks"]) == 5
+    assert {e.family for e in parts["heldout_tasks"]} == {"gamma_g"}
+    assert "gamma_g" not in {e.family for e in parts["train"] + parts["heldout_instances"]}
+    held = {e.instruction for e in parts["heldout_instances"]}
+    assert not held & {e.instruction for e in parts["train"]}
+    assert partition(split, 0)["heldout_instances"] == partition(load_split(spec), 0)["heldout_instances"]
+    assert load_examples(f"split:{spec}:heldout_instances", seed=1) != parts["heldout_instances"]
+    exp = build_experiment({}, [f"data.train=split:{spec}:train", "data.train_size=0",
+                                f"eval.sets=[split:{spec}:heldout_instances, split:{spec}:heldout_tasks]"])
+    assert [eval_set_name(s) for s in exp.eval.sets] == ["heldout_instances", "heldout_tasks"]
+    from lora_ablate.leakage import check_experiment
+    assert all(s["fraction"] == 0 for s in check_experiment(exp).summary.values())
+
+
+def test_split_by_pattern(tmp_path):
+    from lora_ablate.splits import load_split
+
+    spec = split_file(tmp_path, jsonl(tmp_path / "pool.jsonl", pool_rows()))
+    text = Path(spec).read_text().replace("prefixes: [alpha, beta, beta_x, gamma, delta]", "pattern: '^([a-z]+)_'")
+    Path(spec).write_text(text)
+    assert load_split(spec).group_of("beta_x_c") == "beta"
+    with pytest.raises(UserError, match="split:<split>:<part>"):
+        load_examples(f"split:{spec}:dev")
+
+
+@pytest.mark.skipif(not T0_POOL.is_file(), reason="the shared T0 pool is not here")
+def test_shipped_t0_split_is_clean():
+    from lora_ablate.splits import load_split, partition
+
+    parts = partition(load_split("t0_by_source"), 0)
+    info = parts["_info"][0]
+    assert info["heldout_instances_rows"] == 200 and info["heldout_tasks_rows"] == 200
+    assert len(info["heldout_tasks"]) == 4 and info["train_rows"] > 40000
