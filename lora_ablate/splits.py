@@ -95,7 +95,8 @@ def load_split(ref: str) -> Split:
     bad = sorted(set(sizes) - set(PARTS))
     if bad:
         raise UserError(f"split file {str(path)!r}: sizes has unknown part(s) {bad}; parts: {choices(PARTS)}")
-    return Split(name=str(raw.get("name") or path.stem), pool=pool_path.resolve(), field_items=tuple(sorted((str(k), str(v)) for k, v in (raw.get("fields") or {}).items())),
+    fields = tuple(sorted((str(k), str(v)) for k, v in (raw.get("fields") or {}).items()))
+    return Split(name=str(raw.get("name") or path.stem), pool=pool_path.resolve(), field_items=fields,
                  group_by=str(raw["group_by"]), prefixes=tuple(str(p) for p in raw.get("prefixes") or ()),
                  pattern=str(raw.get("pattern") or ""),
                  heldout_tasks=int(held) if isinstance(held, int) else tuple(str(h) for h in held),
