@@ -214,3 +214,17 @@ def test_shipped_t0_split_is_clean():
     info = parts["_info"][0]
     assert info["heldout_instances_rows"] == 200 and info["heldout_tasks_rows"] == 200
     assert len(info["heldout_tasks"]) == 4 and info["train_rows"] > 40000
+
+
+def test_train_records_leakage_and_headline(tmp_path):
+    from lora_ablate.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--quiet", "model.name=tiny-llama", "data.train_size=16",
+               "data.max_length=64", "train.steps=1", "train.batch_size=4", "eval.size=4", "eval.generate=false",
+               "eval.base=false", "eval.sets=[heldout_tasks, train]", "lora.r=2"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["leakage"]["heldout_tasks"] == {"n": 4, "exact": 0, "near": 0, "fraction": 0.0}
+    assert "train" not in m["leakage"]  # leakage: expected, the set is training data on purpose
+    assert m["headline"] == {"heldout_tasks": "exact_match", "train": "exact_match"}

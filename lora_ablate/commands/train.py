@@ -46,6 +46,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
             "base": report_base.metrics if report_base else None,
             "final": result.final.metrics,
             "trial": result.summary(),
+            "headline": {s.name: s.headline for s in ctx.evaluator.sets},  # the metric each set is judged by
             "leakage": {**leak.summary, "examples": leak.rows},
         }
         run.json("metrics.json", metrics)
