@@ -61,7 +61,7 @@ def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: 
     if source.startswith("split:"):
         from lora_ablate import splits
 
-        rows, split_fields = splits.split_rows(source, seed)
+        rows, split_fields = splits.split_rows(source, seed, _pool_examples)
         fields, where = fields or split_fields, source
     elif source.startswith("hf:"):
         rows, where = _hub_rows(source[3:]), source
@@ -81,6 +81,17 @@ def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: 
     if not examples:
         raise UserError(f"data source {where!r} has no records")
     return examples[:size] if size else examples
+
+
+def _pool_examples(split) -> list[tuple[dict, Example | None]]:
+    """A split's pool, each row with its example (None: a row the loader refuses, e.g. an empty answer)."""
+    out = []
+    for i, row in enumerate(_file_rows(split.pool)):
+        try:
+            out.append((row, _to_example(row, split.fields, f"{split.pool} row {i}")))
+        except UserError:
+            out.append((row, None))
+    return out
 
 
 def _file_rows(path: Path) -> list[dict]:

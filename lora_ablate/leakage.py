@@ -178,10 +178,3 @@ def check(train, sets, max_leakage: float, echo=print) -> Leakage:
                         f"training data ({worst.exact} exact, {worst.near} near-duplicate), above data.max_leakage="
                         f"{max_leakage:g}; fix the split, or set data.max_leakage=1 to go on")
     return result
-
-
-def check_experiment(exp, echo=print) -> Leakage:
-    """What a train or study checks before it starts: its training records against its held-out sets."""
-    from lora_ablate.data import load_eval_sets, load_train
-
-    return check(load_train(exp.data), load_eval_sets(exp.eval, exp.data), exp.data.max_leakage, echo)

@@ -13,7 +13,6 @@ Deterministic for (the split file, ``data.seed``): the run's config names both, 
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import re
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_ablate.errors import UserError, choices
+from lora_ablate.leakage import matches
 
 PARTS = ("train", "heldout_instances", "heldout_tasks")
 
@@ -115,21 +115,26 @@ def pick_heldout(split: Split, tasks: list[str], rng: random.Random) -> list[str
     return sorted(split.heldout_tasks)
 
 
-@functools.lru_cache(maxsize=4)
-def partition(split: Split, seed: int = 0) -> dict[str, list[dict]]:
-    """``{part: rows}`` plus ``"_info"`` (one row: held-out tasks, rows dropped as duplicates)."""
-    from lora_ablate.data import _file_rows, _to_example
-    from lora_ablate.leakage import matches
+_PARTITIONS: dict[tuple, dict] = {}  # (split, seed) -> parts: the pool is read once a process
 
-    rows = _file_rows(split.pool)
+
+def partition(split: Split, seed: int, read) -> dict[str, list[dict]]:
+    """``{part: rows}`` plus ``"_info"`` (one row: held-out tasks, rows dropped as duplicates).
+
+    ``read(split)`` gives the pool as ``[(row, Example or None when the loader would refuse the row)]``;
+    the data layer passes it in, so this module stays below it.
+    """
+    if (split, seed) not in _PARTITIONS:
+        _PARTITIONS[(split, seed)] = _partition(split, seed, read(split))
+    return _PARTITIONS[(split, seed)]
+
+
+def _partition(split: Split, seed: int, pool: list) -> dict[str, list[dict]]:
+    rows = [row for row, _ in pool]
+    examples = {i: e for i, (_, e) in enumerate(pool) if e is not None}
     by_task: dict[str, list[int]] = {}
-    examples = {}
-    for i, row in enumerate(rows):
-        try:
-            examples[i] = _to_example(row, split.fields, f"{split.pool} row {i}")
-        except UserError:
-            continue  # an empty prompt or answer: the loader would refuse the row in any part
-        by_task.setdefault(split.group_of(str(row.get(split.group_by) or "")), []).append(i)
+    for i in examples:
+        by_task.setdefault(split.group_of(str(rows[i].get(split.group_by) or "")), []).append(i)
     rng = random.Random(f"split:{split.name}:{split.seed}:{seed}")
     held = pick_heldout(split, sorted(by_task), rng)
     trained = [i for t in sorted(by_task) if t not in held for i in by_task[t]]
@@ -149,12 +154,12 @@ def partition(split: Split, seed: int = 0) -> dict[str, list[dict]]:
     return out
 
 
-def split_rows(source: str, seed: int = 0) -> tuple[list[dict], dict]:
-    """The rows and field mapping of ``split:<split>:<part>``."""
+def split_rows(source: str, seed: int, read) -> tuple[list[dict], dict]:
+    """The rows and field mapping of ``split:<split>:<part>`` (``read`` as for :func:`partition`)."""
     body = source[len("split:"):]
     ref, _, part = body.rpartition(":")
     if not ref or part not in PARTS:
         raise UserError(f"data source {source!r} is not valid; write split:<split>:<part> with part one of: "
                         f"{choices(PARTS)}")
     split = load_split(ref)
-    return partition(split, seed)[part], split.fields
+    return partition(split, seed, read)[part], split.fields

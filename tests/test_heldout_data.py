@@ -125,16 +125,16 @@ def test_builtin_splits_do_not_leak():
 
 
 def test_check_refuses_above_max_leakage(tmp_path):
-    from lora_ablate.leakage import check_experiment
+    from lora_ablate.context import check_leakage
 
     rows = [{"instruction": f"Tell me about item number {i} in the list", "output": f"It is {i}"} for i in range(20)]
     path = jsonl(tmp_path / "rows.jsonl", rows)
     exp = build_experiment({}, [f"data.train={path}", "data.train_size=0", f"eval.sets=[{path}, heldout_tasks]",
                                 "eval.size=8"])
     with pytest.raises(UserError, match=r"held-out set 'rows': 100.0% of its 8 examples .* data.max_leakage=1"):
-        check_experiment(exp, echo=lambda line: None)
+        check_leakage(exp, echo=lambda line: None)
     lines = []
-    leak = check_experiment(build_experiment(exp.to_dict(), ["data.max_leakage=1"]), echo=lines.append)
+    leak = check_leakage(build_experiment(exp.to_dict(), ["data.max_leakage=1"]), echo=lines.append)
     assert leak.summary["rows"] == {"n": 8, "exact": 8, "near": 0, "fraction": 1.0}
     assert leak.summary["heldout_tasks"]["fraction"] == 0 and leak.metrics["leakage/rows/exact"] == 8.0
     assert lines[0].startswith("leakage: rows: 8/8") and len(leak.rows) == 8
@@ -186,13 +186,13 @@ def test_split_by_longest_prefix(tmp_path):
     assert "gamma_g" not in {e.family for e in parts["train"] + parts["heldout_instances"]}
     held = {e.instruction for e in parts["heldout_instances"]}
     assert not held & {e.instruction for e in parts["train"]}
-    assert partition(split, 0)["heldout_instances"] == partition(load_split(spec), 0)["heldout_instances"]
+    assert partition(split, 0, None) is partition(load_split(spec), 0, None)  # read once a process
     assert load_examples(f"split:{spec}:heldout_instances", seed=1) != parts["heldout_instances"]
     exp = build_experiment({}, [f"data.train=split:{spec}:train", "data.train_size=0",
                                 f"eval.sets=[split:{spec}:heldout_instances, split:{spec}:heldout_tasks]"])
     assert [eval_set_name(s) for s in exp.eval.sets] == ["heldout_instances", "heldout_tasks"]
-    from lora_ablate.leakage import check_experiment
-    assert all(s["fraction"] == 0 for s in check_experiment(exp).summary.values())
+    from lora_ablate.context import check_leakage
+    assert all(s["fraction"] == 0 for s in check_leakage(exp).summary.values())
 
 
 def test_split_by_pattern(tmp_path):
@@ -208,9 +208,10 @@ def test_split_by_pattern(tmp_path):
 
 @pytest.mark.skipif(not T0_POOL.is_file(), reason="the shared T0 pool is not here")
 def test_shipped_t0_split_is_clean():
+    from lora_ablate.data import _pool_examples
     from lora_ablate.splits import load_split, partition
 
-    parts = partition(load_split("t0_by_source"), 0)
+    parts = partition(load_split("t0_by_source"), 0, _pool_examples)
     info = parts["_info"][0]
     assert info["heldout_instances_rows"] == 200 and info["heldout_tasks_rows"] == 200
     assert len(info["heldout_tasks"]) == 4 and info["train_rows"] > 40000

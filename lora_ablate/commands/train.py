@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 from lora_ablate.config import Experiment
-from lora_ablate.context import build_context
+from lora_ablate.context import build_context, check_leakage
 from lora_ablate.errors import UserError
-from lora_ablate.leakage import check_experiment
 from lora_ablate.rundir import RunDir, environment
 from lora_ablate.trainers import make_trainer
 from lora_ablate.trial import TrialSpec
@@ -26,7 +25,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         raise UserError(f"--merge needs an unquantized base (model.quantization={exp.model.quantization}); "
                         "merging into 8/4-bit weights would round the update away")
     run = RunDir(out)  # checks that out is free before any work
-    leak = check_experiment(exp)  # a held-out score is void if it was trained on: refuse before the model loads
+    leak = check_leakage(exp)  # a held-out score is void if it was trained on: refuse before the model loads
     ctx = build_context(exp)  # all input checks happen here, before anything is written
     base = ctx.base
     with run:
