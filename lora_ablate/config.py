@@ -39,6 +39,9 @@ _LOFTQ_REFUSAL = ("lora.init=loftq is not offered: peft's LoftQ needs bitsandbyt
                   "only fits the LoftQ-requantized base, not the original one; choose one of: " + ", ".join(INITS))
 FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
+FIELD_KEYS = ("instruction", "input", "output", "instances", "prompt", "completion")
+# what an inline eval.sets entry may say (a set file under evals/sets/ says the same, plus description)
+SET_KEYS = ("path", "source", "name", "fields", "format", "size", "metrics", "headline", "leakage")
 
 
 def _f(default, doc: str):
@@ -89,15 +92,18 @@ class DataConfig:
     max_length: int = _f(256, "sequences are truncated to this many tokens (prompt + output)")
     train_size: int = _f(2000, "number of training records (built-in: generated; files: first N, 0 = all)")
     seed: int = _f(0, "seed of the built-in suite's generator (the held-out sets depend on it too)")
+    max_leakage: float = _f(0.01, "refuse to train when more than this fraction of a held-out set also occurs in "
+                                  "the training data (exact or near-duplicate); 1 = report only")
 
     def __post_init__(self):
         _one_of("data", "template", self.template, TEMPLATES)
+        if not 0 <= self.max_leakage <= 1:
+            raise UserError(f"data.max_leakage={self.max_leakage!r} is not valid; it must be in [0, 1]")
         _positive("data", "max_length", self.max_length)
         _positive("data", "train_size", self.train_size, allow_zero=True)
-        bad = set(self.fields) - {"instruction", "input", "output", "prompt", "completion"}
+        bad = set(self.fields) - set(FIELD_KEYS)
         if bad:
-            raise UserError(f"data.fields has unknown key(s) {sorted(bad)}; valid keys: "
-                            "instruction, input, output, prompt, completion")
+            raise UserError(f"data.fields has unknown key(s) {sorted(bad)}; valid keys: {', '.join(FIELD_KEYS)}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     sets: tuple = _f(("heldout_instances", "heldout_tasks"),
-                     "held-out sets: names of YAML sets under evals/sets/, or record files")
+                     "held-out sets: names of YAML sets under evals/sets/, set .yaml files, record files, "
+                     "split:<split>:<part>, or mappings {path, fields, metrics, headline, ...}")
     size: int = _f(64, "examples per held-out set (0 = the set's own size)")
     every: int = _f(0, "evaluate held-out NLL every N steps during training (0 = only at the end)")
     batch_size: int = _f(16, "sequences per evaluation batch")
@@ -192,10 +199,25 @@ class EvalConfig:
     def __post_init__(self):
         if not self.sets:
             raise UserError("eval.sets is empty; name at least one held-out set (see evals/sets/)")
+        for entry in self.sets:
+            if isinstance(entry, dict):
+                _check_set_entry(entry)
         _positive("eval", "size", self.size, allow_zero=True)
         _positive("eval", "every", self.every, allow_zero=True)
         _positive("eval", "batch_size", self.batch_size)
         _positive("eval", "max_new_tokens", self.max_new_tokens)
+
+
+def _check_set_entry(entry: dict) -> None:
+    bad = sorted(set(entry) - set(SET_KEYS))
+    if bad:
+        raise UserError(f"eval.sets entry {entry!r} has unknown key(s) {bad}; valid keys: {choices(SET_KEYS)}")
+    if not (entry.get("path") or entry.get("source")):
+        raise UserError(f"eval.sets entry {entry!r} names no records; give path: <file> (or source:)")
+    bad = sorted(set(entry.get("fields") or {}) - set(FIELD_KEYS))
+    if bad:
+        raise UserError(f"eval.sets entry {entry!r}: fields has unknown key(s) {bad}; valid keys: "
+                        f"{', '.join(FIELD_KEYS)}")
 
 
 @dataclass(frozen=True)
@@ -332,7 +354,8 @@ def coerce(where: str, value, typ):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}={value!r} is not valid; it must be a list, e.g. [q,v]")
-        return tuple(str(v).strip() for v in value)
+        # a mapping stays one (an inline eval set); everything else is a name
+        return tuple(v if isinstance(v, dict) else str(v).strip() for v in value)
     if typ is dict:
         if value in (None, ""):
             return {}

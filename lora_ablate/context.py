@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
-from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_set, load_train
+from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_sets, load_train
 from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
+from lora_ablate.leakage import Leakage, check
 from lora_ablate.models import LoadedModel, load_base
 
 
@@ -21,7 +22,12 @@ class Context:
 
 
 def _setup_data(data: DataConfig, ev: EvalConfig, with_train: bool = True) -> tuple[list[Example], list[EvalSet]]:
-    return (load_train(data) if with_train else []), [load_eval_set(name, ev.size, data.seed) for name in ev.sets]
+    return (load_train(data) if with_train else []), load_eval_sets(ev, data)
+
+
+def check_leakage(exp: Experiment, echo=print) -> Leakage:
+    """What a train or study checks before it starts: its training records against its held-out sets."""
+    return check(load_train(exp.data), load_eval_sets(exp.eval, exp.data), exp.data.max_leakage, echo)
 
 
 def _setup_model(model: ModelConfig) -> LoadedModel:

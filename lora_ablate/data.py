@@ -8,11 +8,11 @@ file, the row and the field.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from lora_ablate.config import DataConfig
 from lora_ablate.errors import UserError, choices
@@ -39,14 +39,18 @@ class EvalSet:
     name: str
     examples: tuple[Example, ...]
     description: str = ""
+    metrics: tuple[str, ...] = ("exact_match", "rouge_l")  # scored on greedy generations
+    headline: str = "exact_match"  # the one number a table shows for this set
+    leakage: str = "check"
 
 
 # ---------------------------------------------------------------- sources
 
 
 def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: int = 0,
-                  fmt: str = "") -> list[Example]:
-    """Records from ``builtin:<split>``, a local file, or ``hf:<dataset id>``; the first ``size`` (0 = all)."""
+                  fmt: str = "", hint: str = "data.fields") -> list[Example]:
+    """Records from ``builtin:<split>``, ``split:<split>:<part>``, a local file, or ``hf:<dataset id>``; the
+    first ``size`` (0 = all). ``hint`` is where a field mapping is given, for the error that asks for one."""
     fields = fields or {}
     if source.startswith("builtin:"):
         from lora_ablate import suite
@@ -54,20 +58,40 @@ def load_examples(source: str, fields: dict | None = None, size: int = 0, seed: 
         split = source.split(":", 1)[1]
         rows = suite.build_split(split, size or 1000, seed)
         return [Example(r["instruction"], r["input"], r["output"], r.get("family", "")) for r in rows]
-    if source.startswith("hf:"):
+    if source.startswith("split:"):
+        from lora_ablate import splits
+
+        rows, split_fields = splits.split_rows(source, seed, _pool_examples)
+        fields, where = fields or split_fields, source
+    elif source.startswith("hf:"):
         rows, where = _hub_rows(source[3:]), source
     else:
         rows, where = _file_rows(Path(source)), source
-    if fmt == "self_instruct":
-        rows = [_flatten_self_instruct(r, where, i) for i, r in enumerate(rows)]
+    listed = fields.get("instances", "instances")
     examples = []
     for i, row in enumerate(rows):
         if size and len(examples) >= size:
             break
-        examples.append(_to_example(row, fields, where, i))
+        if fmt == "self_instruct" or (listed in row and fields.get("output", "output") not in row):
+            # the instances shape: one example per instance (format: self_instruct keeps only the first)
+            flat = _instance_rows(row, fields, where, i, first_only=fmt == "self_instruct")
+            examples += [_to_example(r, {}, f"{where} row {i} instance {j}", hint) for j, r in enumerate(flat)]
+        else:
+            examples.append(_to_example(row, fields, f"{where} row {i}", hint))
     if not examples:
         raise UserError(f"data source {where!r} has no records")
-    return examples
+    return examples[:size] if size else examples
+
+
+def _pool_examples(split) -> list[tuple[dict, Example | None]]:
+    """A split's pool, each row with its example (None: a row the loader refuses, e.g. an empty answer)."""
+    out = []
+    for i, row in enumerate(_file_rows(split.pool)):
+        try:
+            out.append((row, _to_example(row, split.fields, f"{split.pool} row {i}")))
+        except UserError:
+            out.append((row, None))
+    return out
 
 
 def _file_rows(path: Path) -> list[dict]:
@@ -184,24 +208,31 @@ def _hub_rows(dataset_id: str) -> list[dict]:
         hub_log.setLevel(level)
 
 
-def _flatten_self_instruct(row: dict, where: str, i: int) -> dict:
-    instances = row.get("instances")
-    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
-        raise UserError(f"{where} row {i}: field 'instances' must be a non-empty list of {{input, output}}")
-    return {"instruction": row.get("instruction"), "input": instances[0].get("input", ""),
-            "output": instances[0].get("output")}
+def _instance_rows(row: dict, fields: dict, where: str, i: int, first_only: bool) -> list[dict]:
+    col = fields.get("instances", "instances")
+    instances = row.get(col)
+    if not isinstance(instances, list) or not instances or not all(isinstance(x, dict) for x in instances):
+        raise UserError(f"{where} row {i}: field {col!r} must be a non-empty list of {{input, output}}")
+    instruction = row.get(fields.get("instruction", "instruction"))
+    family = str(row.get("family", row.get("name", row.get("template", ""))) or "")
+    return [{"instruction": instruction, "input": x.get("input") or "", "output": x.get("output"), "family": family}
+            for x in (instances[:1] if first_only else instances)]
 
 
-def _to_example(row: dict, fields: dict, where: str, i: int) -> Example:
+def _to_example(row: dict, fields: dict, at: str, hint: str = "data.fields") -> Example:
     def get(name: str, required: bool):
         col = fields.get(name, name)
+        if name in fields and col not in row:
+            # a mapping names a column on purpose: one that is not there is a typo, even for the optional input
+            raise UserError(f"{at}: {hint} maps {name} to {col!r}, which is not a column "
+                            f"(columns: {choices(sorted(row))})")
         if col not in row or row[col] is None:
             if required:
-                raise UserError(f"{where} row {i}: field {col!r} is missing (columns: {choices(sorted(row))})")
+                raise UserError(f"{at}: field {col!r} is missing (columns: {choices(sorted(row))})")
             return ""
         value = row[col]
         if not isinstance(value, str):
-            raise UserError(f"{where} row {i}: field {col!r} must be a string, not {type(value).__name__}")
+            raise UserError(f"{at}: field {col!r} must be a string, not {type(value).__name__}")
         return value
 
     alpaca = fields.get("instruction", "instruction") in row or "instruction" in fields
@@ -209,19 +240,23 @@ def _to_example(row: dict, fields: dict, where: str, i: int) -> Example:
         instruction, inp, output = get("instruction", True), get("input", False), get("output", True)
     else:
         if fields.get("prompt", "prompt") not in row:
-            raise UserError(f"{where} row {i}: has neither instruction/output nor prompt/completion fields "
-                            f"(columns: {choices(sorted(row))}); map them with data.fields")
-        instruction, inp, output = get("prompt", True), "", get("completion", True)
+            raise UserError(f"{at}: has neither instruction/output nor prompt/completion fields "
+                            f"(columns: {choices(sorted(row))}); map them with {hint}")
+        inp = get("input", False) if "input" in fields else ""
+        instruction, output = get("prompt", True), get("completion", True)
     if not instruction.strip():
         key = "instruction" if alpaca else "prompt"
-        raise UserError(f"{where} row {i}: field {fields.get(key, key)!r} is empty")
+        raise UserError(f"{at}: field {fields.get(key, key)!r} is empty")
     if not output.strip():
         key = "output" if alpaca else "completion"
-        raise UserError(f"{where} row {i}: field {fields.get(key, key)!r} is empty")
-    return Example(instruction, inp, output, str(row.get("family", row.get("template", ""))))
+        raise UserError(f"{at}: field {fields.get(key, key)!r} is empty")
+    return Example(instruction, inp, output, str(row.get("family", row.get("template", "")) or ""))
 
 
 # ---------------------------------------------------------------- held-out sets (YAML data under evals/sets)
+
+DEFAULT_METRICS = ("exact_match", "rouge_l")
+LEAKAGE = ("check", "expected")  # expected: the set is training data on purpose (evals/sets/train.yaml)
 
 
 def eval_set_names() -> list[str]:
@@ -230,28 +265,83 @@ def eval_set_names() -> list[str]:
     return sorted(p.stem for p in (evals_dir() / "sets").glob("*.yaml"))
 
 
-def load_eval_set(name: str, size: int, seed: int) -> EvalSet:
-    """A named set from ``evals/sets/<name>.yaml``, or a record file used as a set."""
-    from lora_ablate.suite import evals_dir
+def set_spec(entry, fields: dict | None = None) -> dict:
+    """What an ``eval.sets`` entry means: ``{name, source, fields, format, size, metrics, headline, ...}``.
 
-    spec_path = evals_dir() / "sets" / f"{name}.yaml"
-    if spec_path.is_file():
-        spec = yaml.safe_load(spec_path.read_text()) or {}
-        source = spec["source"]
-        if not source.startswith(("builtin:", "hf:")) and not Path(source).is_absolute():
-            source = str((evals_dir().parent / source).resolve())
-            if not Path(source).exists():  # a file outside the clone: say how to get it, not just "missing"
-                how = spec.get("provide") or f"put the file there or drop {name} from eval.sets"
-                raise UserError(f"held-out set {name!r} reads {source}, which is missing: {how}")
-        n = size or int(spec.get("size", 0))
-        examples = load_examples(source, spec.get("fields"), n, seed, spec.get("format", ""))
-        return EvalSet(name, tuple(examples), spec.get("description", ""))
-    if name.startswith("builtin:"):
-        return EvalSet(name.split(":", 1)[1], tuple(load_examples(name, None, size or 200, seed)))
-    if Path(name).suffix.lower() in FILE_FORMATS or Path(name).exists():
-        examples = load_examples(name, None, size, seed)
-        return EvalSet(Path(name).stem, tuple(examples))
-    raise UserError(f"unknown held-out set {name!r}; choose one of: {choices(eval_set_names())}, or a record file")
+    A set file (``evals/sets/<name>.yaml`` or a path ending in .yaml) brings its own mapping and resolves a
+    relative source against the repository root; a bare record file or an inline mapping without ``fields``
+    is read with ``fields`` (data.fields), since a held-out file usually has the training file's columns.
+    """
+    from lora_ablate.config import read_mapping
+    from lora_ablate.suite import evals_dir, set_name
+
+    if isinstance(entry, dict):
+        spec = {k: v for k, v in entry.items() if k != "path"}
+        spec["source"] = str(entry.get("path") or entry.get("source"))
+        spec.setdefault("fields", fields)
+        where = "eval.sets entry"
+    else:
+        named = evals_dir() / "sets" / f"{entry}.yaml"
+        spec_file = named if named.is_file() else Path(entry) if entry.lower().endswith((".yaml", ".yml")) else None
+        if spec_file is not None:
+            if not spec_file.is_file():
+                raise UserError(f"held-out set file {entry!r} does not exist")
+            spec = read_mapping(spec_file, "held-out set file", "a mapping (source, fields, metrics, ...)")
+            if not spec.get("source"):
+                raise UserError(f"held-out set file {str(spec_file)!r} has no source")
+            source = os.path.expandvars(str(spec["source"]))
+            if not source.startswith(("builtin:", "hf:", "split:")) and not Path(source).is_absolute():
+                source = str((evals_dir().parent / source).resolve())
+                if not Path(source).exists():  # a file outside the clone: say how to get it, not just "missing"
+                    how = spec.get("provide") or f"put the file there or drop {entry} from eval.sets"
+                    raise UserError(f"held-out set {entry!r} reads {source}, which is missing: {how}")
+            spec["source"] = source
+            where = f"held-out set file {str(spec_file)!r}"
+        elif entry.startswith(("builtin:", "split:")):
+            spec = {"source": entry, "size": 200 if entry.startswith("builtin:") else 0}
+            where = f"eval.sets entry {entry!r}"
+        elif Path(entry).suffix.lower() in FILE_FORMATS or Path(entry).exists():
+            spec, where = {"source": entry, "fields": fields}, f"eval.sets entry {entry!r}"
+        else:
+            raise UserError(f"unknown held-out set {entry!r}; choose one of: {choices(eval_set_names())}, "
+                            "a set .yaml file, or a record file")
+    spec["name"] = set_name(entry)
+    spec["where"] = where
+    _check_spec(spec)
+    return spec
+
+
+def _check_spec(spec: dict) -> None:
+    from lora_ablate.metrics import available_metrics
+
+    where = spec["where"]
+    metrics = spec.get("metrics") or list(DEFAULT_METRICS)
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in available_metrics()]
+    if unknown:
+        raise UserError(f"{where}: unknown metric {unknown[0]!r}; choose from: {choices(available_metrics())}")
+    spec["metrics"] = tuple(metrics)
+    headline = spec.get("headline") or metrics[0]
+    if headline not in (*metrics, "nll", "ppl"):
+        raise UserError(f"{where}: headline {headline!r} is not one of its metrics ({choices([*metrics, 'nll'])})")
+    spec["headline"] = headline
+    if spec.get("leakage", "check") not in LEAKAGE:
+        raise UserError(f"{where}: leakage={spec['leakage']!r}; choose one of: {choices(LEAKAGE)}")
+
+
+def load_eval_set(name, size: int, seed: int, fields: dict | None = None) -> EvalSet:
+    """A held-out set from an ``eval.sets`` entry (see :func:`set_spec`); ``size`` 0 = the set's own size."""
+    spec = set_spec(name, fields)
+    hint = "data.fields" if fields and spec.get("fields") is fields else "fields: in its eval.sets entry or set file"
+    examples = load_examples(spec["source"], spec.get("fields"), size or int(spec.get("size") or 0), seed,
+                             spec.get("format", ""), hint)
+    return EvalSet(spec["name"], tuple(examples), spec.get("description", ""), spec["metrics"], spec["headline"],
+                   spec.get("leakage", "check"))
+
+
+def load_eval_sets(ev, data: DataConfig) -> list[EvalSet]:
+    return [load_eval_set(entry, ev.size, data.seed, data.fields) for entry in ev.sets]
 
 
 # ---------------------------------------------------------------- prompts and tokens

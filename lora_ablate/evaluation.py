@@ -41,7 +41,7 @@ class EvalReport:
                 for i, ex in enumerate(s.examples)]
         if preds is not None:
             refs = [ex.output for ex in s.examples]
-            for metric in GEN_METRICS:
+            for metric in s.metrics or GEN_METRICS:
                 mean, scores = score(metric, preds, refs)
                 m[metric] = mean
                 for row, sc in zip(rows, scores):

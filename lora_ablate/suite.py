@@ -33,6 +33,19 @@ def evals_dir() -> Path:
     return Path(override).expanduser().resolve() if override else Path(__file__).resolve().parent.parent / "evals"
 
 
+def set_name(entry) -> str:
+    """The name an ``eval.sets`` entry reports its metrics under: a set file's stem, the part of a
+    ``builtin:``/``split:`` source, an inline mapping's ``name`` (else its file's stem)."""
+    if isinstance(entry, dict):
+        return str(entry.get("name") or set_name(str(entry.get("path") or entry.get("source") or "")))
+    if entry.startswith(("builtin:", "split:")):
+        return entry.rsplit(":", 1)[1]
+    if (evals_dir() / "sets" / f"{entry}.yaml").is_file():
+        return entry
+    name = Path(entry).name
+    return Path(name[:-3]).stem if name.lower().endswith(".gz") else Path(name).stem
+
+
 @dataclass(frozen=True)
 class Family:
     name: str

@@ -50,7 +50,8 @@ def format_value(v) -> str:
 
 
 # The held-out metrics a study may optimise, and the way each one improves.
-METRIC_DIRECTIONS = {"nll": "minimize", "ppl": "minimize", "exact_match": "maximize", "rouge_l": "maximize"}
+METRIC_DIRECTIONS = {"nll": "minimize", "ppl": "minimize", "exact_match": "maximize", "rouge_l": "maximize",
+                     "squad_match": "maximize"}
 LOWER_IS_BETTER = ("loss",)  # training curves: not an objective, but they go down
 
 

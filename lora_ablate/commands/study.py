@@ -83,12 +83,16 @@ def check_stores(exp: Experiment) -> None:
 def study(space: str | None = None, config: Path | None = None, overrides: list[str] = (),
           settings: dict[str, dict] | None = None, progress: bool = True) -> StudyReport:
     """Check everything, then run or resume the study (the workspace appears only once all checks passed)."""
+    from lora_ablate.context import check_leakage
     from lora_ablate.study import run_study
     from lora_ablate.tracking import make_tracker
 
     sp, exp = study_setup(space, config, overrides, settings)
+    leak = check_leakage(exp)  # before the workspace exists: a refused study leaves nothing behind
     with _sigterm_as_interrupt():  # run_study loads data and model before it creates a new study
-        report = run_study(exp, sp, tracker=make_tracker(exp), progress=progress)
+        report = run_study(exp, sp, tracker=(tracker := make_tracker(exp)), progress=progress)
+    if getattr(tracker, "parent_id", "") and leak.metrics:  # the study's parent run records leakage/<set>/*
+        tracker.log_step(tracker.parent_id, 0, leak.metrics)
     print_report(report, exp)
     return report
 

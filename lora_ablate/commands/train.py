@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from lora_ablate.config import Experiment
-from lora_ablate.context import build_context
+from lora_ablate.context import build_context, check_leakage
 from lora_ablate.errors import UserError
 from lora_ablate.rundir import RunDir, environment
 from lora_ablate.tracking import redacted
@@ -26,6 +26,7 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         raise UserError(f"--merge needs an unquantized base (model.quantization={exp.model.quantization}); "
                         "merging into 8/4-bit weights would round the update away")
     run = RunDir(out)  # checks that out is free before any work
+    leak = check_leakage(exp)  # a held-out score is void if it was trained on: refuse before the model loads
     ctx = build_context(exp)  # all input checks happen here, before anything is written
     base = ctx.base
     ctx.evaluator.progress = progress
@@ -46,6 +47,8 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
             "base": report_base.metrics if report_base else None,
             "final": result.final.metrics,
             "trial": result.summary(),
+            "headline": {s.name: s.headline for s in ctx.evaluator.sets},  # the metric each set is judged by
+            "leakage": {**leak.summary, "examples": leak.rows},
         }
         run.json("metrics.json", metrics)
         rows = [{"phase": "final", **r} for r in result.final.examples]

@@ -12,7 +12,7 @@ from lora_ablate.spaces import Space
 from lora_ablate.vocab import METRIC_DIRECTIONS, SEED_KEY
 from lora_ablate.workspace import optuna_url
 
-GENERATED = ("exact_match", "rouge_l")
+GENERATED = ("exact_match", "rouge_l", "squad_match")
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,11 @@ class Objective:
         return f"{self.set}/{self.metric}"
 
 
-def eval_set_name(entry: str) -> str:
+def eval_set_name(entry) -> str:
     """The name a held-out set reports its metrics under (as ``data.load_eval_set`` names it)."""
-    from lora_ablate.suite import evals_dir
+    from lora_ablate.suite import set_name
 
-    if entry.startswith("builtin:"):
-        return entry.split(":", 1)[1]
-    if (evals_dir() / "sets" / f"{entry}.yaml").is_file():
-        return entry
-    return Path(entry).stem
+    return set_name(entry)
 
 
 def objective_of(exp: Experiment) -> Objective:
