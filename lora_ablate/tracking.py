@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from lora_ablate.config import Experiment
+from lora_ablate.stores import db_url, retry_race, worker_id, worker_label
 from lora_ablate.vocab import State
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
@@ -140,10 +141,15 @@ class MlflowTracker(Tracker):
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=db_url(self.uri))
         return self._client
 
     def _experiment(self, name: str, tags: dict) -> str:
+        # every worker of a study starts here, maybe at the same moment on a fresh store: the store's schema
+        # and the experiment's unique name are created by one of them, the others retry and find them
+        return retry_race(lambda: self._find_or_create_experiment(name, tags))
+
+    def _find_or_create_experiment(self, name: str, tags: dict) -> str:
         from mlflow.entities import LifecycleStage
 
         found = self.client.get_experiment_by_name(name)
@@ -170,9 +176,11 @@ class MlflowTracker(Tracker):
                 f"{TAG}direction": info.direction, f"{TAG}optuna_storage": info.storage,
                 # export groups by these alone, never by what they determine (r under match_budget)
                 f"{TAG}axes": ",".join(info.axes),
-                **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v}}
+                **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v},
+                **{f"{TAG}worker.{k}": v for k, v in worker_id().items()}}
+        # one parent run per worker process: its name says which (several may start in the same second)
         run = self.client.create_run(self.experiment_id, tags=tags,
-                                     run_name=time.strftime("study-%Y%m%d-%H%M%S"))
+                                     run_name=f"study-{worker_label()}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.parent_id = run.info.run_id
 
     def log_base(self, report: EvalReport) -> None:
@@ -282,8 +290,9 @@ def _as_metrics(step: int, values: dict[str, float]) -> list:
 def make_tracker(exp: Experiment) -> Tracker:
     if not exp.tracking.enabled:
         return Tracker()
-    return MlflowTracker(exp.tracking.uri or mlflow_uri(exp.study.workspace),
-                         artifact_root(exp.study.workspace, exp.tracking.uri))
+    artifacts = (Path(exp.tracking.artifact_root).expanduser().resolve() if exp.tracking.artifact_root
+                 else artifact_root(exp.study.workspace, exp.tracking.uri))
+    return MlflowTracker(exp.tracking.uri or mlflow_uri(exp.study.workspace), artifacts)
 
 
 def _jsonl(path: Path, rows) -> None:
