@@ -27,7 +27,8 @@ from typing import Callable
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space, params_per_rank
-from lora_ablate.study import heartbeat
+from lora_ablate.stores import worker_label
+from lora_ablate.study import claims, heartbeat
 from lora_ablate.study.outcomes import Progress, StudyReport, TrialOutcome, best_trial, best_value, study_summary
 from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
@@ -39,14 +40,18 @@ from lora_ablate.trial import Trainer, TrialResult, TrialSpec
 from lora_ablate.workspace import redact
 
 INTERRUPTED = "interrupted (the trial is trained again on resume)"
+POLL_S = 1.0  # how often an idle worker of a pool looks for work again
 
 
 class StudyRunner:
     """One worker: the base model loaded once, trials asked from Optuna in packs and trained on it."""
 
     def __init__(self, exp: Experiment, space: Space, tracker: Tracker | None = None, context=None,
-                 progress: bool = True, on_trial: Callable[[TrialOutcome], None] | None = None):
+                 progress: bool = True, on_trial: Callable[[TrialOutcome], None] | None = None,
+                 wait: bool = False):
         quiet_optuna()
+        self.wait = wait  # a worker of a pool: stop only when no trial of the study runs anywhere
+        self.claims: claims.Claims | None = None
         self.exp, self.space = exp, space
         self.objective = check_study(exp, space)
         self.tracker = tracker or Tracker()
@@ -75,12 +80,16 @@ class StudyRunner:
             self.ctx = self._context()
         self.study, self.storage = load_or_create(self.exp, self.space, self.objective, self.stale)
         name = self.study.study_name
+        self.claims = claims.Claims(self.storage, name)
         report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
         self._fail_stale()
         first = self._plan()
         budget = self.exp.study.n_trials or first.remaining
         if self.space.kind == "grid":
             budget = min(budget, first.remaining)
+        if self.wait and not self.exp.study.n_trials:
+            # a pool's worker trains whatever is left, including other workers' trials queued again
+            budget = math.inf if first.remaining or first.counts.get("RUNNING") else 0
         if budget == 0:
             return self._finish(report, first)
         if self.ctx is None:  # resuming: the model loads only when there is something to train
@@ -114,7 +123,8 @@ class StudyRunner:
         # study.pack=1 is the reference loop; auto on a GPU is the packed engine even if only one trial fits
         trainer = make_trainer(ctx.base, ctx.train, ctx.evaluator, hooks, pack=pack, progress=self.progress,
                                fast=cuda and self.exp.study.pack == "auto", compile=self.exp.study.compiles(cuda))
-        self.bar = Progress(self.study.study_name, budget, self.objective, self.progress)
+        self.bar = Progress(self.study.study_name, None if math.isinf(budget) else budget, self.objective,
+                            self.progress)
         try:
             with heartbeat.Heartbeat(self.storage) as self.beats:
                 try:
@@ -170,18 +180,39 @@ class StudyRunner:
     # -- one trial, in the order of its life
 
     def _ask_one(self) -> InFlight | None:
-        from optuna.trial import TrialState
-
-        if not any(t.state == TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
-            p = self._plan()
-            nxt = p.todo[0] if p.todo else (p.extra if self.exp.study.n_trials > 0 else None)
-            if nxt is None:
+        # WAITING first (a dead worker's trial queued again, one enqueued by hand), then a planned trial this
+        # worker claims (see claims.py: never check-then-enqueue, which lets two workers train one cell)
+        while True:
+            trial = claims.take_waiting(self.study)
+            if trial is None:
+                trials = self.study.get_trials(deepcopy=False)
+                p = plan(self.space, self.seeds, trials, self.exp.study.retry_failed, frozenset(self.failed_now))
+                nxt = self.claims.first(p.todo, trials)
+                if nxt is None and self.exp.study.n_trials > 0 and p.extra is not None and not p.todo:
+                    nxt = p.extra  # a sample beyond the space's budget: any number of them is right
+                if nxt is not None:
+                    trial = claims.create_running(self.study, nxt)
+            if trial is not None:
+                break
+            if not self._wait_for_others(trials):
                 return None
-            self.study.enqueue_trial(nxt)
-        trial = self.study.ask()
         self.asked += 1
         self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
+        trial.set_user_attr("worker", worker_label())
         return self._prepare(trial)
+
+    def _wait_for_others(self, trials) -> bool:
+        """Nothing to claim now. A worker of a pool (``wait``) stays while other workers' trials run: one of
+        them may die, and its trial is then failed by its heartbeat and queued again for whoever is left."""
+        from optuna.trial import TrialState
+
+        mine = {heartbeat.trial_id(f.trial) for f in self.flying.values()}
+        others = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in mine]
+        if not (self.wait and others and not self.flying and self._may_ask()):
+            return False
+        time.sleep(POLL_S)
+        self._fail_stale()
+        return True
 
     def _prepare(self, trial) -> InFlight:
         """Params -> the trial's experiment and spec; a trial that cannot be built fails right here."""
@@ -299,8 +330,8 @@ class StudyRunner:
 
 
 def run_study(exp: Experiment, space: Space, tracker: Tracker | None = None, context=None, progress: bool = True,
-              on_trial: Callable[[TrialOutcome], None] | None = None) -> StudyReport:
+              on_trial: Callable[[TrialOutcome], None] | None = None, wait: bool = False) -> StudyReport:
     """Run (or resume) the study of ``space`` on ``exp``: everything the space still needs, or
     ``study.n_trials`` trials. ``context`` reuses an already loaded base, data and evaluator. ``on_trial`` is
     called with each outcome as the trial is told (with packs, while the pack's other trials still train)."""
-    return StudyRunner(exp, space, tracker, context, progress, on_trial).run()
+    return StudyRunner(exp, space, tracker, context, progress, on_trial, wait).run()
