@@ -8,10 +8,13 @@ closed as failed.
 
 from __future__ import annotations
 
+import os
 import threading
 
-HEARTBEAT_S = 10
-GRACE_S = 30  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
+# the environment may shorten them (tests that kill workers, a pool that wants faster recovery); every worker
+# of a study must use the same values
+HEARTBEAT_S = int(os.environ.get("LORA_ABLATE_HEARTBEAT_S", 10))
+GRACE_S = int(os.environ.get("LORA_ABLATE_GRACE_S", 30))  # a RUNNING trial without a heartbeat this long: dead
 STALE_RETRIES = 3
 
 

@@ -143,6 +143,8 @@ def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: h
                   **stored_setup(exp, space)}
     attrs = {} if created else _settled_attrs(study)
     # a study that never got a trial (its first run was stopped before one) takes this run's settings
+    if mine_attrs["space_def"] is None and attrs.get("space_def"):
+        del mine_attrs["space_def"]  # a worker's space is built from the stored one, which stays the reference
     if created or not attrs or (n_before == 0 and study.direction.name.lower() == objective.direction):
         _set_attrs(study, mine_attrs)
         return study, storage
