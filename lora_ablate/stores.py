@@ -8,12 +8,15 @@ retry after a short, jittered backoff and find what the winner made. Imports not
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
 import socket
 import time
-from typing import Callable, TypeVar
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -48,6 +51,44 @@ def retry_race(fn: Callable[[], T], attempts: int = ATTEMPTS, first_s: float = 0
         # jittered, so that the processes that lost together do not collide again together
         time.sleep(first_s * 2 ** min(i, 5) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Held while a store's schema may be created or migrated: MLflow's alembic migrations, run by several
+    processes at once, fail in ways no retry repairs (a migration step finding its version row gone). One
+    process migrates, the others wait and then find the schema current. SQLite: an flock on the database's
+    folder (no extra file); PostgreSQL: a session advisory lock; any other store: retries only."""
+    if url.startswith("sqlite:///"):
+        import fcntl
+
+        folder = Path(url[len("sqlite:///"):]).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    if not url.startswith(("postgresql", "postgres")):
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url(url), poolclass=sa.pool.NullPool)
+    key = zlib.crc32(b"lora_ablate schema creation")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def postgres_driver() -> str | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from lora_ablate.config import Experiment
-from lora_ablate.stores import db_url, retry_race, worker_id, worker_label
+from lora_ablate.stores import creation_lock, db_url, retry_race, worker_id, worker_label
 from lora_ablate.vocab import State
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact
 
@@ -113,6 +113,10 @@ class Tracker:
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close the run of a trial whose worker died (found stale by the Optuna heartbeat)."""
 
+    def trial_run_id(self, study: str, number: int) -> str:
+        """The open run of trial ``number`` ("" if none): for a worker killed before it noted the run's id."""
+        return ""
+
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         pass
 
@@ -141,7 +145,8 @@ class MlflowTracker(Tracker):
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=db_url(self.uri))
+            with creation_lock(self.uri):  # opening a database store creates (or migrates) its schema
+                self._client = retry_race(lambda: MlflowClient(tracking_uri=db_url(self.uri)))
         return self._client
 
     def _experiment(self, name: str, tags: dict) -> str:
@@ -254,6 +259,14 @@ class MlflowTracker(Tracker):
         self._flush(run_id)
         self.client.log_batch(run_id, tags=[RunTag(f"{TAG}state", State.FAIL), RunTag(f"{TAG}fail_reason", reason)])
         self.client.set_terminated(run_id, State.FAIL.run_status)
+
+    def trial_run_id(self, study: str, number: int) -> str:
+        found = self.client.get_experiment_by_name(study)
+        if found is None:
+            return ""
+        runs = self.client.search_runs([found.experiment_id], f"tags.`{TAG}kind` = 'trial' and "
+                                       f"tags.`{TAG}trial_number` = '{number}' and attributes.status = 'RUNNING'")
+        return runs[0].info.run_id if runs else ""
 
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         for run_id in list(self._pending):  # runs that never finished (an interrupted study)

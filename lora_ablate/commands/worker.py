@@ -91,7 +91,7 @@ def pool(n: int | None, worker_args: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
     bad = [c for c in codes if c]
     print(f"{n} worker(s) done" + (f"; exit codes {codes}" if bad else ""))
-    return max(bad, key=abs) if bad else 0
+    return 1 if bad else 0
 
 
 # ----------------------------------------------------------------------------- CLI

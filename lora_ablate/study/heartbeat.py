@@ -92,7 +92,7 @@ def fail_stale(study, stale: StaleTrials, tracker, heartbeat: Heartbeat | None =
         heartbeat.beat()
     optuna.storages.fail_stale_trials(study)
     for t in stale.found:
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get("mlflow_run_id") or tracker.trial_run_id(study.study_name, t.number)
         if run_id:
             tracker.fail_run(run_id, f"no heartbeat for {GRACE_S} s: its worker stopped; queued again")
     stale.found.clear()

@@ -27,7 +27,7 @@ from typing import Callable
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space, params_per_rank
-from lora_ablate.stores import worker_label
+from lora_ablate.stores import worker_id
 from lora_ablate.study import claims, heartbeat
 from lora_ablate.study.outcomes import Progress, StudyReport, TrialOutcome, best_trial, best_value, study_summary
 from lora_ablate.study.schedule import Plan, params_of, plan
@@ -198,7 +198,7 @@ class StudyRunner:
                 return None
         self.asked += 1
         self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
-        trial.set_user_attr("worker", worker_label())
+        trial.set_user_attr("worker", worker_id())  # for status, and a person looking for it
         return self._prepare(trial)
 
     def _wait_for_others(self, trials) -> bool:
@@ -261,20 +261,24 @@ class StudyRunner:
         if r is not None and r.final is not None:
             for k, v in r.final.flat("final/").items():
                 trial.set_user_attr(k, v)
-        if state == "PRUNED":
-            self.study.tell(trial, state=TrialState.PRUNED)
-        elif state == "COMPLETE":
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.failed_now.add(trial.number)
-        if f.spec is not None:
-            self.flying.pop(f.spec.name, None)
-        self.beats.discard(trial)
         record = f.record
         record.state, record.reason, record.result, record.wall_s = state, reason, r, seconds
-        if f.run_id:
-            self.tracker.finish_trial(f.run_id, record)
+        try:
+            # MLflow before Optuna: a worker killed between the two leaves its trial RUNNING, so the heartbeat
+            # fails it and its run (fail_run); the other order would leave a COMPLETE trial with a RUNNING run
+            if f.run_id:
+                self.tracker.finish_trial(f.run_id, record)
+        finally:
+            if state == "PRUNED":
+                self.study.tell(trial, state=TrialState.PRUNED)
+            elif state == "COMPLETE":
+                self.study.tell(trial, value)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.failed_now.add(trial.number)
+            if f.spec is not None:
+                self.flying.pop(f.spec.name, None)
+            self.beats.discard(trial)
         outcome = TrialOutcome(trial.number, f.params, state, value, reason, seconds, f.run_id, r)
         self.report.outcomes.append(outcome)
         self.bar.told(outcome, best_value(self.study))

@@ -52,7 +52,9 @@ def live_workers(storage, study) -> list[LiveWorker]:
 
     by_worker: dict[str, list] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        by_worker.setdefault(str(t.user_attrs.get("worker", "?")), []).append(t)
+        w = t.user_attrs.get("worker") or {}
+        label = f"{w.get('host', '?')}-{w.get('pid', '?')}" + (f"-gpu{w['gpu']}" if w.get("gpu") else "")
+        by_worker.setdefault(label, []).append(t)
     beats: dict[int, float] = {}
     if by_worker:
         try:
