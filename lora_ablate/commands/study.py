@@ -187,6 +187,10 @@ def status(workspace: Path = Path(DEFAULT_WORKSPACE), storage: str | None = None
             counts[t["state"]] = counts.get(t["state"], 0) + 1
         print(f"study {s.name}  space {s.space or '?'}  objective {s.objective or '?'} ({s.direction})  "
               f"{len(s.trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        for w in s.workers:  # from the trials RUNNING now and their heartbeats
+            beat = f"{w.last_beat:.0f} s ago" if w.last_beat is not None else "none yet"
+            print(f"  worker {w.worker}: {len(w.running)} trial(s) in flight "
+                  f"({', '.join(map(str, w.running))}), last heartbeat {beat}")
         names = list(dict.fromkeys(k for t in s.trials for k in t["params"]))
         header = f"{'trial':>6}  {'state':<9}{'value':>10}" + "".join(f"  {n:>10}" for n in names)
         print(header)

@@ -57,18 +57,21 @@ def live_workers(storage, study) -> list[LiveWorker]:
         by_worker.setdefault(label, []).append(t)
     beats: dict[int, float] = {}
     if by_worker:
+        # Optuna's own table (its heartbeat API only answers "stale or not"), typed so that every driver
+        # returns datetimes; they are the database's clock (PostgreSQL: session time zone; SQLite: UTC)
+        table = sa.Table("trial_heartbeats", sa.MetaData(), sa.Column("trial_id", sa.Integer),
+                         sa.Column("heartbeat", sa.DateTime))
+        sqlite = storage.engine.dialect.name == "sqlite"
         try:
             with storage.engine.connect() as conn:
-                # Optuna's own table (its heartbeat API answers only "stale or not"); times are the database's
-                rows = conn.execute(sa.text("SELECT trial_id, heartbeat FROM trial_heartbeats")).all()
-                now = conn.execute(sa.select(sa.func.now())).scalar() if storage.engine.dialect.name != "sqlite" \
-                    else None
+                rows = conn.execute(sa.select(table.c.trial_id, table.c.heartbeat)).all()
+                now = _utcnow() if sqlite else conn.execute(
+                    sa.select(sa.cast(sa.func.current_timestamp(), sa.DateTime))).scalar()
         except sa.exc.SQLAlchemyError:
             rows, now = [], None
         for tid, beat in rows:
-            if beat is not None:
-                ref = now.replace(tzinfo=None) if now is not None else _utcnow()
-                beats[tid] = (ref - beat.replace(tzinfo=None)).total_seconds()
+            if beat is not None and now is not None:
+                beats[tid] = (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds()
     out = []
     for worker, trials in sorted(by_worker.items()):
         ages = [beats[t._trial_id] for t in trials if t._trial_id in beats]
