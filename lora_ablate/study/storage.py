@@ -11,9 +11,9 @@ from typing import Callable
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space
+from lora_ablate.stores import db_url, missing_driver_hint, retry_race
 from lora_ablate.study import heartbeat
 from lora_ablate.study.settings import Objective, base_config, storage_url, study_name
-from lora_ablate.stores import db_url, missing_driver_hint, retry_race
 from lora_ablate.workspace import optuna_db, redact
 
 
@@ -119,7 +119,7 @@ def _settled_attrs(study) -> dict:
 def _set_attrs(study, attrs: dict) -> None:
     for key, value in attrs.items():
         # two joiners may both add a key the creator has not written (one insert wins the unique key)
-        retry_race(lambda: study.set_user_attr(key, value))
+        retry_race(lambda k=key, v=value: study.set_user_attr(k, v))
 
 
 def load_or_create(exp: Experiment, space: Space, objective: Objective, stale: heartbeat.StaleTrials):
