@@ -70,7 +70,7 @@ def study(space: str | None = None, config: Path | None = None, overrides: list[
 
 def _study_pool(sp: Space, exp: Experiment, workers: str, progress: bool) -> int:
     """Create the study (so that its settings are in the storage), then let N ``worker`` processes train it."""
-    from lora_ablate.commands.worker import pool
+    from lora_ablate.commands.pool import pool
     from lora_ablate.study import heartbeat, objective_of, storage_url
     from lora_ablate.study.storage import load_or_create
 
