@@ -55,11 +55,6 @@ def postgres():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = f"{root}/data"
-    subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", data, "-l", f"{root}/log", "-w", "-o",
-                    f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200", "start"], check=True,
-                   capture_output=True)
     names = iter(range(10**6))
 
     def new_db(prefix: str = "db") -> str:
@@ -68,6 +63,11 @@ def postgres():
         return f"postgresql://postgres@127.0.0.1:{port}/{name}"
 
     try:
+        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
+                       capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", f"{root}/log", "-w", "-o",
+                        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200", "start"],
+                       check=True, capture_output=True)
         yield new_db
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)

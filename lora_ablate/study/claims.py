@@ -95,6 +95,22 @@ class Claims:
         return None
 
 
+class ClaimedStaleTrials(heartbeat.StaleTrials):
+    """The heartbeat's retry of a dead worker's trial, behind the same claim as a planned retry: between the
+    stale trial's FAIL and its queued copy, another worker's plan sees a plain failure and plans its retry;
+    both claim (params, trials with these params), so only one of them creates the retry."""
+
+    claims: Claims | None = None
+
+    def __call__(self, study, trial) -> None:
+        params = params_of(trial)
+        if self.claims is not None and not self.claims.claim(params, attempt_of(params, study.get_trials(
+                deepcopy=False))):
+            self.found.append(trial)  # its run is still closed; the retry is the planner's
+            return
+        super().__call__(study, trial)
+
+
 def create_running(study, params: dict):
     """A new trial of ``params`` (its other axes left to the sampler), RUNNING in this worker's hands."""
     import optuna

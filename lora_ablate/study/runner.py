@@ -58,7 +58,7 @@ class StudyRunner:
         self.ctx = context
         self.progress, self.on_trial = progress, on_trial
         self.seeds = seeds_of(exp)
-        self.stale = heartbeat.StaleTrials()
+        self.stale = claims.ClaimedStaleTrials()
         self.study = self.storage = None
         self.failed_now: set[int] = set()  # trial numbers that failed in this invocation
         self._per_rank: dict[tuple, int] = {}
@@ -80,7 +80,7 @@ class StudyRunner:
             self.ctx = self._context()
         self.study, self.storage = load_or_create(self.exp, self.space, self.objective, self.stale)
         name = self.study.study_name
-        self.claims = claims.Claims(self.storage, name)
+        self.claims = self.stale.claims = claims.Claims(self.storage, name)
         report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
         self._fail_stale()
         first = self._plan()
