@@ -268,6 +268,8 @@ class StudyConfig:
 class TrackingConfig:
     enabled: bool = _f(True, "record runs in MLflow (training works with this off)")
     uri: str = _f("", f"MLflow tracking URI (default: sqlite:///<workspace>/{MLFLOW_DB})")
+    artifact_root: str = _f("", f"folder of new experiments' artifacts, shared by every worker (default "
+                                f"<workspace>/{ARTIFACTS}/ for a database store; a tracking server chooses)")
 
     def __post_init__(self):
         if self.uri and "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from lora_ablate.config import Experiment
+from lora_ablate.stores import creation_lock, db_url, retry_race, worker_id, worker_label
 from lora_ablate.vocab import SEED_PARAM, State, format_value
 from lora_ablate.workspace import artifact_root, mlflow_uri, redact, relocate
 
@@ -133,6 +134,10 @@ class Tracker:
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close the run of a trial whose worker died (found stale by the Optuna heartbeat)."""
 
+    def trial_run_id(self, study: str, number: int) -> str:
+        """The open run of trial ``number`` ("" if none): for a worker killed before it noted the run's id."""
+        return ""
+
     def running_parents(self, study: str) -> dict[str, float]:
         """Run id -> start time (unix s) of the study's RUNNING parent runs other than this invocation's."""
         return {}
@@ -175,10 +180,16 @@ class MlflowTracker(Tracker):
                 db.parent.mkdir(parents=True, exist_ok=True)
                 if self.artifacts is not None and db.parent.resolve() == self.artifacts.parent.resolve():
                     relocate(db, self.artifacts)  # the workspace's own store: it moves with the workspace
-            self._client = MlflowClient(tracking_uri=self.uri)
+            with creation_lock(self.uri):  # opening a database store creates (or migrates) its schema
+                self._client = retry_race(lambda: MlflowClient(tracking_uri=db_url(self.uri)))
         return self._client
 
     def _experiment(self, name: str, tags: dict) -> str:
+        # every worker of a study starts here, maybe at the same moment on a fresh store: the store's schema
+        # and the experiment's unique name are created by one of them, the others retry and find them
+        return retry_race(lambda: self._find_or_create_experiment(name, tags))
+
+    def _find_or_create_experiment(self, name: str, tags: dict) -> str:
         from mlflow.entities import LifecycleStage
 
         found = self.client.get_experiment_by_name(name)
@@ -210,9 +221,11 @@ class MlflowTracker(Tracker):
                 f"{TAG}direction": info.direction, f"{TAG}optuna_storage": info.storage,
                 # export groups by these alone, never by what they determine (r under match_budget)
                 f"{TAG}axes": ",".join(info.axes),
-                **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v}}
+                **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v},
+                **{f"{TAG}worker.{k}": v for k, v in worker_id().items()}}
+        # one parent run per worker process: its name says which (several may start in the same second)
         run = self.client.create_run(self.experiment_id, tags=tags,
-                                     run_name=time.strftime("study-%Y%m%d-%H%M%S"))
+                                     run_name=f"study-{worker_label()}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.parent_id = run.info.run_id
 
     def log_base(self, report: EvalReport) -> None:
@@ -323,6 +336,14 @@ class MlflowTracker(Tracker):
                                 "(killed, or its machine went down); closed by a later one")
             self.client.set_terminated(run_id, "KILLED")
 
+    def trial_run_id(self, study: str, number: int) -> str:
+        found = self.client.get_experiment_by_name(study)
+        if found is None:
+            return ""
+        runs = self.client.search_runs([found.experiment_id], f"tags.`{TAG}kind` = 'trial' and "
+                                       f"tags.`{TAG}trial_number` = '{number}' and attributes.status = 'RUNNING'")
+        return runs[0].info.run_id if runs else ""
+
     def end_study(self, status: str, summary: dict[str, float]) -> None:
         for run_id in list(self._pending):  # runs that never finished (an interrupted study)
             self._flush(run_id)
@@ -358,8 +379,9 @@ def _as_metrics(step: int, values: dict[str, float]) -> list:
 def make_tracker(exp: Experiment) -> Tracker:
     if not exp.tracking.enabled:
         return Tracker()
-    return MlflowTracker(exp.tracking.uri or mlflow_uri(exp.study.workspace),
-                         artifact_root(exp.study.workspace, exp.tracking.uri))
+    artifacts = (Path(exp.tracking.artifact_root).expanduser().resolve() if exp.tracking.artifact_root
+                 else artifact_root(exp.study.workspace, exp.tracking.uri))
+    return MlflowTracker(exp.tracking.uri or mlflow_uri(exp.study.workspace), artifacts)
 
 
 def _jsonl(path: Path, rows) -> None:

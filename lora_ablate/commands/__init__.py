@@ -6,7 +6,7 @@ Modules that add sub-commands (study, results, ...) list a ``register(subparsers
 
 import importlib
 
-REGISTERED: tuple[str, ...] = ("results", "study", "ui")
+REGISTERED: tuple[str, ...] = ("results", "study", "ui", "worker")
 
 
 def registry():

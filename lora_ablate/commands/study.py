@@ -81,20 +81,51 @@ def check_stores(exp: Experiment) -> None:
 
 
 def study(space: str | None = None, config: Path | None = None, overrides: list[str] = (),
-          settings: dict[str, dict] | None = None, progress: bool = True) -> StudyReport:
-    """Check everything, then run or resume the study (the workspace appears only once all checks passed)."""
+          settings: dict[str, dict] | None = None, progress: bool = True, workers: str | None = None):
+    """Check everything, then run or resume the study (the workspace appears only once all checks passed);
+    ``workers``: N local worker processes (or auto: one per GPU) train it instead of this one."""
     from lora_ablate.context import check_leakage
     from lora_ablate.study import run_study
     from lora_ablate.tracking import make_tracker
 
     sp, exp = study_setup(space, config, overrides, settings)
     leak = check_leakage(exp)  # before the workspace exists: a refused study leaves nothing behind
+    if workers is not None:
+        return _study_pool(sp, exp, workers, progress)
     with _sigterm_as_interrupt():  # run_study loads data and model before it creates a new study
         report = run_study(exp, sp, tracker=(tracker := make_tracker(exp)), progress=progress)
     if getattr(tracker, "parent_id", "") and leak.metrics:  # the study's parent run records leakage/<set>/*
         tracker.log_step(tracker.parent_id, 0, leak.metrics)
     print_report(report, exp)
     return report
+
+
+def _study_pool(sp: Space, exp: Experiment, workers: str, progress: bool) -> int:
+    """Create the study (so that its settings are in the storage), then let N ``worker`` processes train it."""
+    from lora_ablate.commands.pool import pool
+    from lora_ablate.study import objective_of, storage_url
+    from lora_ablate.study.storage import load_or_create
+
+    if workers != "auto" and not (workers.isdigit() and int(workers) > 0):
+        raise UserError(f"--workers {workers!r}: give a number of processes, or auto (one per visible GPU)")
+    if exp.study.n_trials:
+        raise UserError("--n-trials counts one process's trials; with --workers use --timeout, or let the "
+                        "workers finish what the space needs")
+    study, _ = load_or_create(exp, sp, objective_of(exp))
+    args = ["--study", study.study_name, "--storage", storage_url(exp), "--workspace", exp.study.workspace]
+    if not exp.tracking.enabled:
+        args.append("--no-tracking")
+    else:
+        args += ["--tracking-uri", exp.tracking.uri or mlflow_uri(exp.study.workspace)]
+        if exp.tracking.artifact_root:
+            args += ["--artifact-root", exp.tracking.artifact_root]
+    if exp.study.pack != "auto":
+        args += ["--pack", str(exp.study.pack)]
+    if exp.study.timeout:
+        args += ["--timeout", str(exp.study.timeout)]
+    if not progress:
+        args.append("--quiet")
+    return pool(None if workers == "auto" else int(workers), args)
 
 
 @contextmanager
@@ -188,6 +219,10 @@ def status(workspace: Path = Path(DEFAULT_WORKSPACE), storage: str | None = None
             counts[t["state"]] = counts.get(t["state"], 0) + 1
         print(f"study {s.name}  space {s.space or '?'}  objective {s.objective or '?'} ({s.direction})  "
               f"{len(s.trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        for w in s.workers:  # from the trials RUNNING now and their heartbeats
+            beat = f"{w.last_beat:.0f} s ago" if w.last_beat is not None else "none yet"
+            print(f"  worker {w.worker}: {len(w.running)} trial(s) in flight "
+                  f"({', '.join(map(str, w.running))}), last heartbeat {beat}")
         names = list(dict.fromkeys(k for t in s.trials for k in t["params"]))
         header = f"{'trial':>6}  {'state':<9}{'value':>10}" + "".join(f"  {n:>10}" for n in names)
         print(header)
@@ -207,13 +242,15 @@ def _settings(args) -> dict[str, dict]:
         "study": {"seeds": args.seeds, "n_trials": args.n_trials, "timeout": args.timeout,
                   "workspace": str(args.workspace) if args.workspace else None, "storage": args.storage,
                   "name": args.study_name, "objective": args.objective, "pruner": args.pruner, "pack": args.pack},
-        "tracking": {"uri": args.tracking_uri, "enabled": False if args.no_tracking else None},
+        "tracking": {"uri": args.tracking_uri, "enabled": False if args.no_tracking else None,
+                     "artifact_root": args.artifact_root},
     }
 
 
 def cmd_study(args) -> int:
-    study(args.space, args.config, args.overrides, _settings(args), progress=not args.quiet)
-    return 0
+    out = study(args.space, args.config, args.overrides, _settings(args), progress=not args.quiet,
+                workers=args.workers)
+    return out if isinstance(out, int) else 0
 
 
 def cmd_spaces(args) -> int:
@@ -244,6 +281,9 @@ def register(sub) -> None:
     s.add_argument("--objective", help="held-out metric to optimise, <set>/<metric> (default heldout_instances/nll)")
     s.add_argument("--pruner", help="prune on intermediate held-out loss: none, median, hyperband (needs eval.every)")
     s.add_argument("--pack", help="trials per pass over the base: K, or auto (default: what fits on a GPU; 1 on a CPU)")
+    s.add_argument("--artifact-root", help=f"folder for the study's artifacts (default <workspace>/{ARTIFACTS}/)")
+    s.add_argument("--workers", help="train with N local worker processes (auto: one per visible GPU); more "
+                                     "machines join with `python -m lora_ablate worker`")
     s.add_argument("--no-tracking", action="store_true", help="do not record in MLflow")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")

@@ -19,6 +19,8 @@ import os
 import threading
 import time
 
+# the environment may shorten them (tests that kill workers, a pool that wants faster recovery); every worker
+# of a study must use the same values
 HEARTBEAT_S = int(os.environ.get("LORA_ABLATE_HEARTBEAT_S", 10))  # Optuna takes whole seconds only
 GRACE_S = float(os.environ.get("LORA_ABLATE_GRACE_S", 30))  # no heartbeat for this long: the worker is dead
 STALE_RETRIES = 3
@@ -106,7 +108,7 @@ def _retry(study, trial) -> None:
                                                       "retry_history": history}))
 
 
-def fail_stale(study, tracker, heartbeat: Heartbeat | None = None) -> int:
+def fail_stale(study, tracker, heartbeat: Heartbeat | None = None, claims=None) -> int:
     """Fail (and queue again) the stale RUNNING trials of dead workers; close their MLflow runs with the same
     reason. Our own trials in flight are beaten first, so that they are never taken for a dead worker's.
     Returns how many were failed here (another worker may fail the same trial first: then it is theirs)."""
@@ -127,9 +129,12 @@ def fail_stale(study, tracker, heartbeat: Heartbeat | None = None) -> int:
         except UpdateFinishedTrialError:
             continue
         trial = storage.get_trial(tid)
-        _retry(study, trial)
+        # behind the same claim as a planned retry: between this FAIL and the queued copy another worker's
+        # plan sees a plain failure and plans its own retry; only one of them creates it
+        if claims is None or claims.claim_retry(study, trial):
+            _retry(study, trial)
         failed += 1
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get("mlflow_run_id") or tracker.trial_run_id(study.study_name, trial.number)
         if run_id:
             tracker.fail_run(run_id, reason)
     return failed
@@ -167,7 +172,7 @@ def dead_parents(study, parents: dict[str, float]) -> set[str]:
     return {k[4:] for k, (_, age) in parent_beats(study, parents).items() if age > GRACE_S}
 
 
-def await_dead(study, tracker, heartbeat: Heartbeat | None, parents) -> int:
+def await_dead(study, tracker, heartbeat: Heartbeat | None, parents, claims=None) -> int:
     """Wait until every other worker's trial and parent run has either beaten (alive: left to it) or gone
     ``GRACE_S`` without a beat (dead: its trials failed and queued again, its runs closed after this).
 
@@ -179,7 +184,7 @@ def await_dead(study, tracker, heartbeat: Heartbeat | None, parents) -> int:
     deadline = time.monotonic() + GRACE_S + HEARTBEAT_S + 1
     failed = 0
     while True:
-        failed += fail_stale(study, tracker, heartbeat)
+        failed += fail_stale(study, tracker, heartbeat, claims)
         mine = heartbeat.mine() if heartbeat is not None else set()
         beats = {**_trial_beats(study, mine), **parent_beats(study, parents())}
         pending = []

@@ -27,7 +27,8 @@ from typing import Callable
 from lora_ablate.config import Experiment
 from lora_ablate.errors import UserError
 from lora_ablate.spaces import Space, params_per_rank
-from lora_ablate.study import heartbeat
+from lora_ablate.stores import worker_id
+from lora_ablate.study import claims, heartbeat
 from lora_ablate.study.outcomes import Progress, StudyReport, TrialOutcome, best_trial, best_value, study_summary
 from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
@@ -39,14 +40,18 @@ from lora_ablate.trial import Trainer, TrialResult, TrialSpec
 from lora_ablate.workspace import redact
 
 INTERRUPTED = "interrupted (the trial is trained again on resume)"
+POLL_S = 1.0  # how often an idle worker of a pool looks for work again
 
 
 class StudyRunner:
     """One worker: the base model loaded once, trials asked from Optuna in packs and trained on it."""
 
     def __init__(self, exp: Experiment, space: Space, tracker: Tracker | None = None, context=None,
-                 progress: bool = True, on_trial: Callable[[TrialOutcome], None] | None = None):
+                 progress: bool = True, on_trial: Callable[[TrialOutcome], None] | None = None,
+                 wait: bool = False):
         quiet_optuna()
+        self.wait = wait  # a worker of a pool: stop only when no trial of the study runs anywhere
+        self.claims: claims.Claims | None = None
         self.exp, self.space = exp, space
         self.objective = check_study(exp, space)
         self.tracker = tracker or Tracker()
@@ -74,6 +79,7 @@ class StudyRunner:
             self.ctx = self._context()
         self.study, self.storage = load_or_create(self.exp, self.space, self.objective)
         name = self.study.study_name
+        self.claims = claims.Claims(self.storage, name)
         report = StudyReport(name, redact(storage_url(self.exp)), self.objective)
         self._settle()
         first = self._plan()
@@ -139,7 +145,7 @@ class StudyRunner:
         flights: list[InFlight] = []
         if not self._may_ask():
             return flights
-        self._fail_stale()
+        self._settle()
         while len(flights) < n and self._may_ask():
             flight = self._ask_one()
             if flight is None:
@@ -172,21 +178,45 @@ class StudyRunner:
     # -- one trial, in the order of its life
 
     def _ask_one(self) -> InFlight | None:
-        from optuna.trial import TrialState
-
-        while not any(t.state == TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
-            p = self._plan()
-            nxt = p.todo[0] if p.todo else (p.extra if self.exp.study.n_trials > 0 else None)
-            if nxt is not None:
-                self.study.enqueue_trial(nxt)
+        # WAITING first (a dead worker's trial queued again, one enqueued by hand), then a planned trial this
+        # worker claims (see claims.py: never check-then-enqueue, which lets two workers train one cell)
+        while True:
+            trial = claims.take_waiting(self.study)
+            if trial is None:
+                trials = self.study.get_trials(deepcopy=False)
+                p = plan(self.space, self.seeds, trials, self.exp.study.retry_failed, frozenset(self.failed_now))
+                nxt = self.claims.first(p.todo, trials)
+                if nxt is None and self.exp.study.n_trials > 0 and p.extra is not None and not p.todo:
+                    nxt = p.extra  # a sample beyond the space's budget: any number of them is right
+                if nxt is not None:
+                    trial = claims.create_running(self.study, nxt)
+            if trial is not None:
                 break
-            # out of work: a dead worker's trial may still come back; a pack's other trials train on meanwhile
-            if self.flying or not self._settle(wait=True):
+            # out of work: a pack's other trials train on meanwhile; a pool's worker stays while others' trials
+            # run; otherwise a dead worker's trial may still come back (its beat is late, not yet missing)
+            if self.flying:
                 return None
-        trial = self.study.ask()
+            if self._wait_for_others(trials):
+                continue
+            if not self._settle(wait=True):
+                return None
         self.asked += 1
         self.beats.add(trial)  # beaten at once: a trial without any heartbeat is never found stale
+        trial.set_user_attr("worker", worker_id())  # for status, and a person looking for it
         return self._prepare(trial)
+
+    def _wait_for_others(self, trials) -> bool:
+        """Nothing to claim now. A worker of a pool (``wait``) stays while other workers' trials run: one of
+        them may die, and its trial is then failed by its heartbeat and queued again for whoever is left."""
+        from optuna.trial import TrialState
+
+        mine = {heartbeat.trial_id(f.trial) for f in self.flying.values()}
+        others = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in mine]
+        if not (self.wait and others and not self.flying and self._may_ask()):
+            return False
+        time.sleep(POLL_S)
+        self._settle()
+        return True
 
     def _prepare(self, trial) -> InFlight:
         """Params -> the trial's experiment and spec; a trial that cannot be built fails right here."""
@@ -272,8 +302,6 @@ class StudyRunner:
         return plan(self.space, self.seeds, self.study.get_trials(deepcopy=False), self.exp.study.retry_failed,
                     frozenset(self.failed_now) if settle else frozenset())
 
-    def _fail_stale(self) -> None:
-        heartbeat.fail_stale(self.study, self.tracker, self.beats)
 
     def _settle(self, wait: bool = False) -> int:
         """Fail dead workers' stale trials (queued again) and close the MLflow runs that dead invocations left
@@ -285,9 +313,9 @@ class StudyRunner:
             return self.tracker.running_parents(name)
 
         if wait:
-            queued = heartbeat.await_dead(self.study, self.tracker, self.beats, parents)
+            queued = heartbeat.await_dead(self.study, self.tracker, self.beats, parents, self.claims)
         else:
-            queued = heartbeat.fail_stale(self.study, self.tracker, self.beats)
+            queued = heartbeat.fail_stale(self.study, self.tracker, self.beats, self.claims)
         finished = {t.user_attrs["mlflow_run_id"]: (t.state.name, t.user_attrs.get("fail_reason", ""))
                     for t in self.study.get_trials(deepcopy=False)
                     if t.state.is_finished() and t.user_attrs.get("mlflow_run_id")}
@@ -329,12 +357,12 @@ class StudyRunner:
 
 
 def run_study(exp: Experiment, space: Space, tracker: Tracker | None = None, context=None, progress: bool = True,
-              on_trial: Callable[[TrialOutcome], None] | None = None) -> StudyReport:
+              on_trial: Callable[[TrialOutcome], None] | None = None, wait: bool = False) -> StudyReport:
     """Run (or resume) the study of ``space`` on ``exp``: everything the space still needs, or
     ``study.n_trials`` trials. ``context`` reuses an already loaded base, data and evaluator. ``on_trial`` is
     called with each outcome as the trial is told (with packs, while the pack's other trials still train)."""
     try:
-        return StudyRunner(exp, space, tracker, context, progress, on_trial).run()
+        return StudyRunner(exp, space, tracker, context, progress, on_trial, wait).run()
     except Exception as e:
         why = unwritable(e)
         if why is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_ablate.errors import UserError, choices
 from lora_ablate.study.schedule import params_of
@@ -17,10 +17,13 @@ class StudyStatus:
     objective: str
     space: str
     trials: list[dict]  # {"number", "state", "params", "value", "reason"}
+    workers: list = field(default_factory=list)  # workers.LiveWorker: who has trials RUNNING now
 
 
 def study_status(url: str, name: str | None = None) -> list[StudyStatus]:
     import optuna
+
+    from lora_ablate.study.workers import live_workers
 
     quiet_optuna()
     storage = open_storage(url)
@@ -35,5 +38,5 @@ def study_status(url: str, name: str | None = None) -> list[StudyStatus]:
         rows = [{"number": t.number, "state": t.state.name, "params": params_of(t), "value": t.value,
                  "reason": t.user_attrs.get("fail_reason", "")} for t in study.get_trials(deepcopy=False)]
         out.append(StudyStatus(n, study.direction.name.lower(), study.user_attrs.get("objective", ""),
-                               study.user_attrs.get("space", ""), rows))
+                               study.user_attrs.get("space", ""), rows, live_workers(storage, study)))
     return out

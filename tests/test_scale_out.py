@@ -1,0 +1,258 @@
+"""One study over many processes: creation races on a fresh store (SQLite, PostgreSQL), cells claimed once
+by any number of workers, a worker killed mid-trial, and Optuna and MLflow agreeing trial for trial.
+
+PostgreSQL is a real server from the distribution's package (``apt-get install postgresql``), started on a
+loopback port with its data directory in a temporary folder; without its binaries those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from lora_ablate.stores import db_url, lost_race
+from lora_ablate.study.claims import Claims, attempt_of
+from lora_ablate.study.storage import open_storage
+
+REPO = Path(__file__).resolve().parent.parent
+GRID12 = "axes:\n  lora.r: {grid: [1, 2, 4]}\n  lora.targets: {grid: [[q], [v], [q, v], [q, k, v, o]]}\n"
+TINY = ["model.name=tiny-llama", "data.train_size=8", "data.max_length=32", "train.steps=1", "train.batch_size=2",
+        "eval.size=2", "eval.batch_size=2", "eval.generate=false", "eval.sets=[heldout_instances]",
+        "eval.base=false"]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[::-1]), None)
+    return found
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """``postgres(name)`` -> the URL of a new, empty database on a private PostgreSQL server on 127.0.0.1."""
+    initdb, pg_ctl, createdb = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("createdb")
+    if not (initdb and pg_ctl and createdb):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql")
+    root = tempfile.mkdtemp(prefix="lora_ablate_pg_")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: its package's user runs it
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root without a 'postgres' user to run the PostgreSQL server")
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = f"{root}/data"
+    names = iter(range(10**6))
+
+    def new_db(prefix: str = "db") -> str:
+        name = f"{prefix}{next(names)}"
+        subprocess.run([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name], check=True)
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
+                       capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", f"{root}/log", "-w", "-o",
+                        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200", "start"],
+                       check=True, capture_output=True)
+        yield new_db
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def test_postgres_urls_get_the_installed_driver():
+    url = db_url("postgresql://u:p@h/db")
+    assert url in ("postgresql://u:p@h/db", "postgresql+psycopg://u:p@h/db")
+    assert db_url("postgres://h/db").startswith("postgresql")
+    assert db_url("postgresql+psycopg2://h/db") == "postgresql+psycopg2://h/db"
+    assert db_url("sqlite:////x/optuna.db") == "sqlite:////x/optuna.db"
+
+
+def test_lost_races_are_told_from_real_errors():
+    import sqlalchemy.exc
+
+    dup = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception('duplicate key value violates "pg_type_typname"'))
+    assert lost_race(dup)
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError("x", {}, Exception("UNIQUE constraint failed: alembic_version"))
+        except Exception as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as e:
+        assert lost_race(e)
+    assert not lost_race(sqlalchemy.exc.OperationalError("x", {}, Exception("connection refused")))
+
+
+def test_a_claim_is_won_once_and_an_orphaned_claim_is_taken_over(tmp_path, monkeypatch):
+    from lora_ablate.study import heartbeat
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    a, b = Claims(storage, "s"), Claims(storage, "s")
+    cell = {"r": 1, "seed": 0}
+    assert a.claim(cell, 0) and not b.claim(cell, 0)
+    assert b.claim(cell, 1) and b.claim({"r": 2, "seed": 0}, 0)
+    assert not Claims(storage, "s").claim(cell, 0)
+    assert Claims(storage, "other").claim(cell, 0)  # claims are per study
+    monkeypatch.setattr(heartbeat, "GRACE_S", 0)
+    time.sleep(0.01)
+    assert b.claim(cell, 0)  # its worker died before its trial existed: the claim is taken over
+    assert attempt_of(cell, []) == 0
+
+
+# ----------------------------------------------------------------------------- creation races
+
+CREATE = r"""
+import sys, time
+from pathlib import Path
+from lora_ablate.commands.study import study_setup
+from lora_ablate.study.settings import objective_of
+from lora_ablate.study.storage import load_or_create
+from lora_ablate.tracking import StudyInfo, make_tracker
+
+ws, storage, tracking, barrier, i = sys.argv[1:]
+sp, exp = study_setup("rank", None, ["model.name=tiny-llama"],
+                      {"study": {"workspace": ws, "storage": storage or None}, "tracking": {"uri": tracking or None}})
+Path(barrier, f"ready{i}").touch()
+while not Path(barrier, "go").exists():
+    time.sleep(0.002)
+study, _ = load_or_create(exp, sp, objective_of(exp))
+tracker = make_tracker(exp)
+tracker.start_study(StudyInfo(study.study_name, sp.name, "o", "minimize", storage, exp))
+print("joined", study.study_name, tracker.experiment_id, tracker.parent_id)
+"""
+
+
+def start_together(argv_of, n: int, barrier: Path, timeout: float = 120) -> list[subprocess.Popen]:
+    """``n`` processes released at the same moment once all of them have imported everything."""
+    barrier.mkdir()
+    procs = [subprocess.Popen(argv_of(i), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n)]
+    deadline = time.monotonic() + timeout
+    while len(list(barrier.glob("ready*"))) < n:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[0][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.01)
+    (barrier / "go").touch()
+    return procs
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_processes_starting_one_study_together_on_a_fresh_store_all_join_it(tmp_path, store, request):
+    if store == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        storage, tracking = pg("optuna"), pg("mlflow")
+    else:
+        storage = tracking = ""
+    ws = tmp_path / "ws"
+    n = 4
+    procs = start_together(lambda i: [sys.executable, "-c", CREATE, str(ws), storage, tracking,
+                                      str(tmp_path / "barrier"), str(i)], n, tmp_path / "barrier")
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, "\n".join(o[-3000:] for o in outs)
+    joined = [line.split() for o in outs for line in o.splitlines() if line.startswith("joined")]
+    assert len(joined) == n and len({j[2] for j in joined}) == 1 and len({j[3] for j in joined}) == n
+
+    url = storage or f"sqlite:///{ws / 'optuna.db'}"
+    assert optuna.study.get_all_study_names(open_storage(url)) == ["rank-tiny-llama"]
+    attrs = optuna.load_study(study_name="rank-tiny-llama", storage=open_storage(url)).user_attrs
+    assert attrs["space"] == "rank" and attrs["experiment"]["model"]["name"] == "tiny-llama"
+    client = MlflowClient(db_url(tracking or f"sqlite:///{ws / 'mlflow.db'}"))
+    exp_id = client.get_experiment_by_name("rank-tiny-llama").experiment_id
+    parents = client.search_runs([exp_id])
+    names = [r.info.run_name for r in parents]
+    assert len(names) == n and len(set(names)) == n, names  # one parent run per process, each named apart
+    assert all(r.data.tags["lora_ablate.worker.pid"] in r.info.run_name for r in parents)
+
+
+# ----------------------------------------------------------------------------- a pool of workers
+
+
+def _running(storage, name: str):
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if "worker" in t.user_attrs]
+
+
+def test_four_workers_on_postgres_train_a_grid_once_while_one_is_killed_mid_trial(tmp_path, postgres):
+    """12 cells x 2 seeds over 4 worker processes; one is SIGKILLed while it trains. Its trial is failed by its
+    heartbeat, queued again and trained by another worker; every cell is trained to completion exactly once
+    and every COMPLETE trial has exactly one FINISHED MLflow run."""
+    storage_url, tracking = postgres("optuna"), postgres("mlflow")
+    space = tmp_path / "grid12.yaml"
+    space.write_text(GRID12)
+    ws = tmp_path / "ws"
+    t0 = time.monotonic()
+    pool = subprocess.Popen([sys.executable, "-m", "lora_ablate", "study", "--workers", "4", "--space", str(space),
+                             "--seeds", "2", "--workspace", str(ws), "--storage", storage_url, "--tracking-uri",
+                             tracking, "--quiet", *TINY], cwd=tmp_path,
+                            env=env(LORA_ABLATE_HEARTBEAT_S="1", LORA_ABLATE_GRACE_S="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    name = "grid12-tiny-llama"
+    storage = open_storage(storage_url)
+    killed = None
+    try:
+        while killed is None and pool.poll() is None:
+            try:
+                running = _running(storage, name)
+            except KeyError:  # the study is not created yet
+                running = []
+            if running:
+                victim = max(running, key=lambda t: t.datetime_start)  # the newest: mid-trial for a while
+                os.kill(int(victim.user_attrs["worker"]["pid"]), signal.SIGKILL)
+                killed = victim.number
+            time.sleep(0.05)
+        out = pool.communicate(timeout=240)[0]
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+    elapsed = time.monotonic() - t0
+    assert killed is not None, out[-3000:]
+    assert pool.returncode != 0 and "exit codes" in out, out[-3000:]  # the killed worker's code is reported
+
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    by_state: dict[str, list] = {}
+    for t in trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert set(by_state) <= {"COMPLETE", "FAIL"}, {k: len(v) for k, v in by_state.items()}
+    done = sorted((t.params["r"], t.params["targets"], t.params["seed"]) for t in by_state["COMPLETE"])
+    assert len(done) == 24 and len(set(done)) == 24  # the whole grid, no cell twice
+    assert [t.number for t in by_state["FAIL"]] == [killed]  # killed while it trained: nothing else failed
+    retried = trials[killed]
+    assert (retried.params["r"], retried.params["targets"], retried.params["seed"]) in done
+
+    client = MlflowClient(db_url(tracking))
+    exp_id = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([exp_id], "tags.`lora_ablate.kind` = 'trial'", max_results=1000)
+    finished: dict[int, int] = {}
+    for r in runs:
+        if r.info.status == "FINISHED":
+            n = int(r.data.tags["lora_ablate.trial_number"])
+            finished[n] = finished.get(n, 0) + 1
+    assert finished == {t.number: 1 for t in by_state["COMPLETE"]}
+    assert [r.info.status for r in runs if int(r.data.tags["lora_ablate.trial_number"]) == killed] in (
+        ["FAILED"], [])  # closed by the worker that found it stale (or killed before its run was opened)
+    parents = client.search_runs([exp_id], "tags.`lora_ablate.kind` = 'study'")
+    assert len(parents) == 4 and len({r.info.run_name for r in parents}) == 4
+    assert elapsed < 240
