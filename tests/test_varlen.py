@@ -8,38 +8,21 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_packed import (  # the equality tests' own trials and checks
+from test_packed import (  # the equality tests' own trials, checks and fixtures
     MIXED,
     assert_same_trial,
+    base,  # noqa: F401 - a fixture: the tiny-llama base
+    one_thread,  # noqa: F401 - a fixture (autouse): one intra-op thread
     spec,
 )
 
 from lora_ablate.data import IGNORE, Encoded, encode_all, load_examples
 from lora_ablate.evaluation import token_nll
-from lora_ablate.models import LoadedModel
 from lora_ablate.packed import Pack, train_packed
 from lora_ablate.packed.varlen import WIDTH, _FlatData, _VarlenPlan
 from lora_ablate.reference import ReferenceTrainer
-from lora_ablate.tiny import tiny_llama
 
 REL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base():
-    model, tok = tiny_llama()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    return LoadedModel(model, tok, "tiny-llama", "in-process", torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
