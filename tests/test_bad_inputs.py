@@ -108,7 +108,7 @@ CASES = [
     ("data empty field", [*TRAIN, "data.train={tmp}/blankinstr.jsonl"], ["'instruction'", "is empty"]),
     ("data no fields", [*TRAIN, "data.train={tmp}/nofields.jsonl"], ["neither", "data.fields"]),
     ("data mapping", [*TRAIN, "data.train={tmp}/data.jsonl", "data.fields={{output: answer}}"],
-     ["'answer' is missing", "output"]),
+     ["'answer', which is not a column", "output"]),
     ("data csv empty", [*TRAIN, "data.train={tmp}/empty.csv"], ["empty.csv", "empty"]),
     ("data parquet junk", [*TRAIN, "data.train={tmp}/junk.parquet"], ["junk.parquet", "not a Parquet"]),
     ("data gz junk", [*TRAIN, "data.train={tmp}/junk.jsonl.gz"], ["junk.jsonl.gz", "gzip"]),

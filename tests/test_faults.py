@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from mlflow import MlflowClient
 
 from lora_ablate.cli import main
@@ -54,6 +55,8 @@ def running_trial(ws: Path) -> bool:
     try:
         return (ws / "optuna.db").exists() and any(t.state.name == "RUNNING" for t in trials(ws))
     except KeyError:  # the storage is there, the study not yet
+        return False
+    except sqlalchemy.exc.SQLAlchemyError:  # polled while the worker creates the schema: this poll lost the race
         return False
 
 
