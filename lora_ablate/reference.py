@@ -72,13 +72,8 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     if error := plan.rank_error(spec.lora.r):  # refused before training, not trained and saved at full size
         result.status, result.error = "failed", error
         return result
+    check_init(spec, plan, base.quantization)
     mutates = spec.lora.init in BASE_MUTATING_INITS
-    if mutates and plan.fused_rows:
-        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
-                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
-    if mutates and base.quantization != "none":
-        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
-                        f"{base.quantization} base cannot give back exactly; use model.quantization=none")
     # PiSSA/OLoRA subtract scale * B0 A0 from each adapted weight: kept here to put the shared base back
     originals = {name: base.model.get_submodule(name).weight.detach().clone() for name in plan.module_names} \
         if mutates else {}
@@ -126,6 +121,18 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def check_init(spec: TrialSpec, plan, quantization: str) -> None:
+    """Refuse (UserError) a PiSSA/OLoRA init where it cannot be honoured exactly (both training paths)."""
+    if spec.lora.init not in BASE_MUTATING_INITS:
+        return
+    if plan.fused_rows:
+        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
+                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
+    if quantization != "none":
+        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
+                        f"{quantization} base cannot give back exactly; use model.quantization=none")
 
 
 def lora_config(spec: TrialSpec, plan):

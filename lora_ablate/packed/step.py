@@ -210,7 +210,7 @@ class Steps:
             pack.grads.zero_()
 
         # evaluation re-binds the wrappers to fresh scale tensors; the graph keeps reading these
-        keep = [(w.lora_A, w.lora_B, w.scale, w.keep) for w in pack.wrappers.values()]
+        keep = [(w.lora_A, w.lora_B, w.scale, w.keep, w.init_A, w.init_B) for w in pack.wrappers.values()]
         graph = pack.graphs.capture(tuple(widths), lambda: self._forward_backward(rows, widths, window), undo, body,
                                     keep)
         self.graphed = graph is not None
