@@ -121,7 +121,7 @@ class LoraConfig:
 
     fused_subset: str = _f("refuse", "part of a fused q/k/v matrix (gpt2, gpt_neox, phi3, falcon, bloom): refuse, or "
                                      "rows (one adapter on the matrix, rank r per adapted role, the other roles' "
-                                     "B rows kept zero; reference path only: study.pack=1)")
+                                     "B rows kept zero; both paths)")
 
     def __post_init__(self):
         if isinstance(self.r, bool) or self.r < 1:

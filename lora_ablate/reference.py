@@ -150,14 +150,21 @@ def fused_row_masks(model, plan, r: int) -> list[torch.Tensor]:
     for name, rows in plan.fused_rows.items():
         layer = model.base_model.model.get_submodule(name)
         weight = layer.lora_B["default"].weight
-        mask = torch.zeros_like(weight)
-        for i, role_rows in enumerate(rows.values()):
-            mask[role_rows.to(weight.device), i * r:(i + 1) * r] = 1
+        mask = fused_row_mask(rows, weight.shape[0], r).to(weight)
         with torch.no_grad():
             weight.mul_(mask)
         weight.register_hook(lambda g, m=mask: g * m)
         masks.append(mask)
     return masks
+
+
+def fused_row_mask(role_rows: dict, out_features: int, r: int) -> torch.Tensor:
+    """B's block structure on a part-adapted fused matrix, [out, r * roles]: 1 where adapted role i's output
+    rows meet B's columns i*r..(i+1)*r, 0 elsewhere (both training paths)."""
+    mask = torch.zeros(out_features, r * len(role_rows))
+    for i, rows in enumerate(role_rows.values()):
+        mask[rows.cpu(), i * r:(i + 1) * r] = 1
+    return mask
 
 
 def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialHooks, result: TrialResult,

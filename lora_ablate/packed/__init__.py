@@ -6,7 +6,8 @@ replaced for the pack's lifetime by a :class:`PackedLoraLinear` that adds each t
 to that trial's rows with two batched matrix products over stacked A [K, r, in] and B [K, out, r].
 
 What a trial keeps to itself, exactly as on the single path (``reference.train_one``):
-  rank (zero-padded to the pack's largest, padding provably stays zero: its gradients are exactly 0),
+  rank (zero-padded to the pack's largest per module, padding provably stays zero: its gradients are exactly 0;
+  on a part-adapted fused q/k/v matrix r per role, B's rows of the roles left out held at zero by a gradient mask),
   alpha rule and scale, targets (a projection the trial does not adapt has scale 0 and zero weights),
   learning rate and schedule, weight decay, seed (LoRA A init reproduces peft's RNG calls), init, data
   order (``batch_order`` with its seed), batch size (short trials get all-masked filler rows), gradient

@@ -8,7 +8,8 @@ import torch
 
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
-from lora_ablate.trial import BASE_MUTATING_INITS, peft_config
+from lora_ablate.reference import lora_config
+from lora_ablate.trial import BASE_MUTATING_INITS
 
 
 def export_adapter(pack: Pack, slot: Slot, dest: Path) -> None:
@@ -22,7 +23,7 @@ def export_adapter(pack: Pack, slot: Slot, dest: Path) -> None:
     from safetensors.torch import save_file
 
     lora = slot.spec.lora
-    cfg = peft_config(lora, slot.plan.target_modules)
+    cfg = lora_config(slot.spec, slot.plan)  # a part-adapted fused matrix: r per role (rank/alpha patterns)
     cfg.base_model_name_or_path = pack.base.name_or_path
     cfg.inference_mode = True
     weights = pack.slot_weights(slot)

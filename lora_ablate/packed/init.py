@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -15,28 +15,30 @@ from lora_ablate.packed.layers import PackedLoraLinear, _features
 from lora_ablate.trial import BASE_MUTATING_INITS, TrialSpec, peft_config
 
 
-def initial_factors(base: LoadedModel, spec: TrialSpec,
-                    module_names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+def initial_factors(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
+                    ranks: Mapping[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """name -> (A0 [r, in], B0 [out, r]) as peft's ``get_peft_model`` initialises them for ``spec`` after
-    ``torch.manual_seed(seed)``; B0 None where peft zeroes it (default, gaussian)."""
+    ``torch.manual_seed(seed)``; B0 None where peft zeroes it (default, gaussian). ``ranks``: a module's rank
+    where it is not ``lora.r`` (a part-adapted fused matrix: r per adapted role, peft's rank_pattern)."""
     if spec.lora.init in BASE_MUTATING_INITS:
         return _base_mutating_factors(base, spec, module_names)
-    return {name: (a, None) for name, a in initial_A(base, spec, module_names).items()}
+    return {name: (a, None) for name, a in initial_A(base, spec, module_names, ranks).items()}
 
 
-def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
+def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
+              ranks: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """The LoRA A matrices peft's ``get_peft_model`` creates for ``spec`` (init default or gaussian) after
-    ``torch.manual_seed(seed)``.
+    ``torch.manual_seed(seed)``; ``ranks`` as for ``initial_factors``.
 
     peft builds, per adapted module in model order, ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (each
     constructor draws a Kaiming-uniform init from the CPU generator), then re-draws A (Kaiming-uniform
     a=sqrt(5), or normal std 1/r) and zeroes B; the weights are then cast to the base layer's dtype and
     upcast back to fp32 (peft's autocast_adapter_dtype). Same calls, same shapes, same order here.
     """
-    r = spec.lora.r
     torch.manual_seed(spec.train.seed)  # as train_one does right before get_peft_model
     out = {}
     for name in module_names:
+        r = (ranks or {}).get(name, spec.lora.r)
         layer = _bare(base, name)
         in_f, out_f = _features(layer)
         a = torch.empty(r, in_f)

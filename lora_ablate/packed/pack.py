@@ -20,7 +20,7 @@ from lora_ablate.packed.layout import _carry, _Layout
 from lora_ablate.packed.slot import Slot, make_slot
 from lora_ablate.packed.step import Steps
 from lora_ablate.packed.varlen import _FlatData
-from lora_ablate.reference import check_init
+from lora_ablate.reference import check_init, fused_row_mask
 from lora_ablate.targets import TargetPlan, _linear_modules, plain_head, resolve_targets
 from lora_ablate.trial import BASE_MUTATING_INITS, TrialFailed, TrialResult, TrialSpec
 
@@ -53,6 +53,7 @@ class Pack:
         self.layout: _Layout | None = None
         self.weights = self.grads = self.exp_avg = self.exp_avg_sq = None  # [K, numel] fp32
         self.initial: torch.Tensor | None = None  # [K, numel] frozen A0, B0 (PiSSA/OLoRA trials), else None
+        self.row_masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # see _row_masks
         self.wrappers: dict[str, PackedLoraLinear] = {}
         self.leaves: list[torch.Tensor] = []
         self.encoded = data
@@ -70,8 +71,8 @@ class Pack:
         fresh = [s for s in slots if s.row is None]
         slots = carried + fresh
         names = {n for s in slots for n in s.modules}  # the union of the trials' targets
-        layout = _Layout(max(s.spec.lora.r for s in slots),
-                         tuple((n, *self.dims[n]) for n in self.dims if n in names))
+        layout = _Layout(tuple((n, *self.dims[n], max(s.rank(n) for s in slots if n in s.modules))
+                               for n in self.dims if n in names))
         K, numel = len(slots), layout.numel
         new = [torch.zeros(K, numel, device=self.device) for _ in range(4)]  # weights, grads, exp_avg, exp_avg_sq
         # the frozen A0, B0 of PiSSA/OLoRA trials (zero rows for the others); only when a trial has them
@@ -97,6 +98,7 @@ class Pack:
             self.graphs.clear()  # they point at the old flat tensors
         self.weights, self.grads, self.exp_avg, self.exp_avg_sq = new
         self.initial = initial
+        self.row_masks = self._row_masks()
         self.running = running
         self.max_k = max(self.max_k, K)
         self._install(layout.names)
@@ -106,7 +108,7 @@ class Pack:
     def new_result(self, spec: TrialSpec) -> TrialResult:
         """The result a trial of ``spec`` starts from; a bad target or an init it cannot honour raises UserError,
         as on the single path."""
-        plan = self.plan(spec.lora.targets)
+        plan = self.plan(spec.lora.targets, spec.lora.fused_subset)
         check_init(spec, plan, self.base.quantization)
         return TrialResult(spec, targets=plan.describe(), scaling=spec.lora.scaling)
 
@@ -114,19 +116,46 @@ class Pack:
         """The trial of ``result`` as a slot, placed by the next ``relayout``; TrialFailed when it cannot
         start (fewer training records than its batch size)."""
         spec = result.spec
-        if error := self.plan(spec.lora.targets).rank_error(spec.lora.r):
+        plan = self.plan(spec.lora.targets, spec.lora.fused_subset)
+        if error := plan.rank_error(spec.lora.r):
             raise TrialFailed(error)
-        slot = make_slot(spec, result, self.plan(spec.lora.targets), self.encoded)
-        result.trainable_params = sum(spec.lora.r * sum(self.dims[n]) for n in slot.modules)
+        slot = make_slot(spec, result, plan, self.encoded)
+        result.trainable_params = sum(self._trained_entries(slot, name) for name in slot.modules)
         return slot
+
+    def _trained_entries(self, slot: Slot, name: str) -> int:
+        """A's and B's entries the slot trains on module ``name``; B's entries held at zero on a part-adapted
+        fused matrix are not counted, as on the single path."""
+        rank, (in_f, out_f) = slot.rank(name), self.dims[name]
+        return rank * in_f + (int(self._row_mask(slot, name).sum()) if name in slot.plan.fused_rows else rank * out_f)
+
+    def _row_mask(self, slot: Slot, name: str) -> torch.Tensor:
+        return fused_row_mask(slot.plan.fused_rows[name], self.dims[name][1], slot.spec.lora.r)
+
+    def _row_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gradient of B [K, out, r], its mask) for each module some trial adapts in part (fused rows): the
+        optimiser multiplies the gradient by the mask first, so B's rows of the roles left out, which start
+        at zero, get zero moments and updates and stay exactly zero, as the single path's gradient hook keeps
+        them."""
+        out, grads = [], self.layout.blocks(self.grads)
+        for name in self.layout.names:
+            fused = [s for s in self.slots if name in s.plan.fused_rows]
+            if fused:
+                g = grads[name][1]
+                mask = torch.ones(g.shape)  # trials that adapt all of the matrix (or none of it): unmasked
+                for s in fused:
+                    mask[s.row, :, :s.rank(name)] = self._row_mask(s, name)
+                out.append((g, mask.to(self.device)))
+        return out
 
     def _initial_rows(self, slot: Slot, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slot's starting weights row, and its frozen A0, B0 row when its B0 is not zero (else None)."""
         row = torch.zeros(1, layout.numel)
         blocks = layout.blocks(row)
         names = [n for n in layout.names if n in slot.modules]
-        r, dense = slot.spec.lora.r, False
-        for name, (a, b) in initial_factors(self.base, slot.spec, names).items():
+        dense = False
+        for name, (a, b) in initial_factors(self.base, slot.spec, names, {n: slot.rank(n) for n in names}).items():
+            r = slot.rank(name)
             blocks[name][0][0, :r] = a
             if b is not None:  # else B stays zero, as peft initialises it
                 blocks[name][1][0, :, :r] = b
@@ -135,20 +164,21 @@ class Pack:
         # trained from A0, B0 and corrected by them, frozen: W0 + s (B A - B0 A0), peft's W_res + s B A
         return row, (row.clone() if dense else None)
 
-    def plan(self, targets: tuple) -> TargetPlan:
+    def plan(self, targets: tuple, fused_subset: str = "refuse") -> TargetPlan:
         """resolve_targets on the bare base (the wrappers would hide the projections from it)."""
-        if targets not in self.plans:
+        key = (targets, fused_subset)
+        if key not in self.plans:
             wrapped = list(self.wrappers.items())
             for name, _ in wrapped:
                 parent, attr = _parent(self.model, name)
                 setattr(parent, attr, self.wrappers[name].base_layer)
             try:
-                self.plans[targets] = resolve_targets(self.model, targets)
+                self.plans[key] = resolve_targets(self.model, targets, fused_subset)
             finally:
                 for name, wrapper in wrapped:
                     parent, attr = _parent(self.model, name)
                     setattr(parent, attr, wrapper)
-        return self.plans[targets]
+        return self.plans[key]
 
     def _install(self, names: list[str]) -> None:
         for name in names:
@@ -245,6 +275,6 @@ class Pack:
     def slot_weights(self, slot: Slot, flat: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
         """The slot's own (unpadded) A [r, in] and B [out, r] per adapted module (views into ``flat``,
         by default the weights)."""
-        r = slot.spec.lora.r
         blocks = self.layout.blocks(self.weights if flat is None else flat)
-        return {name: (a[slot.row, :r], b[slot.row, :, :r]) for name, (a, b) in blocks.items() if name in slot.modules}
+        return {name: (a[slot.row, :slot.rank(name)], b[slot.row, :, :slot.rank(name)])
+                for name, (a, b) in blocks.items() if name in slot.modules}
