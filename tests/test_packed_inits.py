@@ -37,12 +37,18 @@ def logits_of(model, tok):
         return model(**batch).logits
 
 
+def close(a, b):
+    return abs(a - b) <= REL * abs(a)
+
+
 def assert_same(ref, got, fresh_tiny, tok):
     assert got.status == ref.status == "ok", (got.error, ref.error)
     assert (got.trainable_params, got.tokens) == (ref.trainable_params, ref.tokens)
     assert [h["step"] for h in got.history] == [h["step"] for h in ref.history]
     for a, b in zip(ref.history, got.history):
-        assert abs(a["loss"] - b["loss"]) <= REL * abs(a["loss"]), (ref.spec.name, a, b)
+        assert close(a["loss"], b["loss"]), (ref.spec.name, a, b)
+    if ref.final is not None:  # held-out NLL of the trial alone, evaluated next to others in the pack
+        assert all(close(m["nll"], got.final.metrics[k]["nll"]) for k, m in ref.final.metrics.items())
     cfg_ref, cfg_got = (json.loads((r.adapter_dir / "adapter_config.json").read_text()) for r in (ref, got))
     keys = ("r", "lora_alpha", "init_lora_weights", "use_rslora", "target_modules")
     assert {k: cfg_got[k] for k in keys} == {k: cfg_ref[k] for k in keys}
@@ -52,14 +58,14 @@ def assert_same(ref, got, fresh_tiny, tok):
     assert not torch.allclose(have, logits_of(fresh_tiny(), tok), atol=1e-3)  # it trained
 
 
-def _both(tiny_base, data, specs, refill=()):
+def _both(tiny_base, data, specs, refill=(), evaluator=None):
     """The reference path's and the packed path's results for ``specs`` (then ``refill`` joining the pack)."""
     ref_specs = [TrialSpec(s.lora, s.train, name=s.name, adapter_dir=s.adapter_dir.with_name("ref-" + s.name))
                  for s in [*specs, *refill]]
-    ref = ReferenceTrainer(tiny_base, data, None, progress=False).train(ref_specs)
+    ref = ReferenceTrainer(tiny_base, data, evaluator, progress=False).train(ref_specs)
     before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
     queue = list(refill)
-    got = PackedTrainer(tiny_base, data, None, progress=False).train(
+    got = PackedTrainer(tiny_base, data, evaluator, progress=False).train(
         specs, refill=lambda: queue.pop(0) if queue else None)
     after = tiny_base.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
@@ -72,14 +78,16 @@ def test_one_trial_pack_matches_the_reference_path(init, tiny_base, train_data, 
     assert_same(ref[0], got[0], fresh_tiny, tiny_base.tokenizer)
 
 
-def test_mixed_inits_and_ranks_in_one_pack_match_the_reference_path(tiny_base, train_data, fresh_tiny, tmp_path):
+def test_mixed_inits_and_ranks_in_one_pack_match_the_reference_path(tiny_base, train_data, evaluator, fresh_tiny,
+                                                                   tmp_path):
     specs = [spec("default-r2", tmp_path, r=2, init="default", steps=3, targets=("q", "v")),
              spec("pissa-free", tmp_path, r=4, alpha_rule="free", alpha=6.0, steps=5),
              spec("olora-rslora", tmp_path, r=2, alpha_rule="rslora", alpha=4.0, steps=4, targets=("k", "o"))]
     # joins the live pack when the first trial leaves: A0, B0 taken from the projections inside the wrappers
     late = [spec("late-olora", tmp_path, r=8, init="olora", steps=2, targets=("q", "mlp"))]
-    ref, got = _both(tiny_base, train_data, specs, late)
+    ref, got = _both(tiny_base, train_data, specs, late, evaluator)
     assert [r.spec.name for r in got] == [s.name for s in [*specs, *late]]
+    assert all(r.final is not None for r in [*ref, *got])
     for a, b in zip(ref, got):
         assert_same(a, b, fresh_tiny, tiny_base.tokenizer)
 
