@@ -116,12 +116,12 @@ class LoraConfig:
                         "attention projections to adapt, by role: any non-empty subset of q, k, v, o (and mlp)")
     init: str = _f("default", "LoRA init: default (Kaiming-uniform A, peft's default) or gaussian (B zero); pissa "
                               "or olora (A, B from the base weight's SVD / QR; saved adapters are converted to "
-                              "plain LoRA on the original base, the shared base is never changed; reference "
-                              "path only: study.pack=1)")
+                              "plain LoRA on the original base, the shared base is never changed; both paths, "
+                              "unquantized bases only)")
 
     fused_subset: str = _f("refuse", "part of a fused q/k/v matrix (gpt2, gpt_neox, phi3, falcon, bloom): refuse, or "
                                      "rows (one adapter on the matrix, rank r per adapted role, the other roles' "
-                                     "B rows kept zero; reference path only: study.pack=1)")
+                                     "B rows kept zero; both paths)")
 
     def __post_init__(self):
         if isinstance(self.r, bool) or self.r < 1:

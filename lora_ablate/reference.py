@@ -72,13 +72,8 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     if error := plan.rank_error(spec.lora.r):  # refused before training, not trained and saved at full size
         result.status, result.error = "failed", error
         return result
+    check_init(spec, plan, base.quantization)
     mutates = spec.lora.init in BASE_MUTATING_INITS
-    if mutates and plan.fused_rows:
-        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
-                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
-    if mutates and base.quantization != "none":
-        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
-                        f"{base.quantization} base cannot give back exactly; use model.quantization=none")
     # PiSSA/OLoRA subtract scale * B0 A0 from each adapted weight: kept here to put the shared base back
     originals = {name: base.model.get_submodule(name).weight.detach().clone() for name in plan.module_names} \
         if mutates else {}
@@ -128,6 +123,18 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     return result
 
 
+def check_init(spec: TrialSpec, plan, quantization: str) -> None:
+    """Refuse (UserError) a PiSSA/OLoRA init where it cannot be honoured exactly (both training paths)."""
+    if spec.lora.init not in BASE_MUTATING_INITS:
+        return
+    if plan.fused_rows:
+        raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
+                        f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
+    if quantization != "none":
+        raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
+                        f"{quantization} base cannot give back exactly; use model.quantization=none")
+
+
 def lora_config(spec: TrialSpec, plan):
     """The peft config of a trial on ``plan`` (rank r per adapted role on a part-adapted fused matrix)."""
     fused = (plan.fused_suffix, len(next(iter(plan.fused_rows.values())))) if plan.fused_rows else None
@@ -143,14 +150,21 @@ def fused_row_masks(model, plan, r: int) -> list[torch.Tensor]:
     for name, rows in plan.fused_rows.items():
         layer = model.base_model.model.get_submodule(name)
         weight = layer.lora_B["default"].weight
-        mask = torch.zeros_like(weight)
-        for i, role_rows in enumerate(rows.values()):
-            mask[role_rows.to(weight.device), i * r:(i + 1) * r] = 1
+        mask = fused_row_mask(rows, weight.shape[0], r).to(weight)
         with torch.no_grad():
             weight.mul_(mask)
         weight.register_hook(lambda g, m=mask: g * m)
         masks.append(mask)
     return masks
+
+
+def fused_row_mask(role_rows: dict, out_features: int, r: int) -> torch.Tensor:
+    """B's block structure on a part-adapted fused matrix, [out, r * roles]: 1 where adapted role i's output
+    rows meet B's columns i*r..(i+1)*r, 0 elsewhere (both training paths)."""
+    mask = torch.zeros(out_features, r * len(role_rows))
+    for i, rows in enumerate(role_rows.values()):
+        mask[rows.cpu(), i * r:(i + 1) * r] = 1
+    return mask
 
 
 def _train(model, base, spec: TrialSpec, data: Encoded, evaluator, hooks: TrialHooks, result: TrialResult,

@@ -1,4 +1,5 @@
-"""Base identity in saved adapters (both paths, eval --adapter) and PiSSA/OLoRA inits on the reference path."""
+"""Base identity in saved adapters (both paths, eval --adapter) and PiSSA/OLoRA inits on the reference path
+(the packed path: tests/test_packed_inits.py)."""
 
 import hashlib
 import json
@@ -122,14 +123,6 @@ def test_pissa_starts_where_the_base_is(run_trial, tiny_base):
     probe = _LogitsProbe(tiny_base.tokenizer)
     result = run_trial(lora={"init": "pissa", "r": 4}, train={"steps": 1, "lr": 1e-9}, evaluator=probe)
     torch.testing.assert_close(result.final, logits_of(tiny_base.model, tiny_base.tokenizer), rtol=0, atol=1e-5)
-
-
-def test_packed_path_refuses_base_mutating_inits(tiny_base, train_data):
-    from lora_ablate.packed import PackedTrainer
-
-    spec = TrialSpec(LoraConfig(r=2, init="olora"), TrainConfig(steps=1, batch_size=4), name="p")
-    with pytest.raises(UserError, match=r"^lora\.init=olora changes the base weights .*use --pack 1"):
-        PackedTrainer(tiny_base, train_data, None, progress=False).train([spec])
 
 
 def test_loftq_refused_in_one_line():

@@ -6,11 +6,15 @@ replaced for the pack's lifetime by a :class:`PackedLoraLinear` that adds each t
 to that trial's rows with two batched matrix products over stacked A [K, r, in] and B [K, out, r].
 
 What a trial keeps to itself, exactly as on the single path (``reference.train_one``):
-  rank (zero-padded to the pack's largest, padding provably stays zero: its gradients are exactly 0),
+  rank (zero-padded to the pack's largest per module, padding provably stays zero: its gradients are exactly 0;
+  on a part-adapted fused q/k/v matrix r per role, B's rows of the roles left out held at zero by a gradient mask),
   alpha rule and scale, targets (a projection the trial does not adapt has scale 0 and zero weights),
   learning rate and schedule, weight decay, seed (LoRA A init reproduces peft's RNG calls), init, data
   order (``batch_order`` with its seed), batch size (short trials get all-masked filler rows), gradient
   accumulation, token-mean loss per micro-batch, gradient clipping and AdamW state, dropout rate.
+  PiSSA/OLoRA, which peft trains as W0 - s B0 A0 + s B A (a residual base per trial), train here as
+  W0 + s (B A - B0 A0) over the shared W0: the same function, with the trial's A0, B0 kept frozen in a
+  fifth flat tensor (``Pack.initial``, only while such a trial is in the pack).
 
 All trainable state of the pack lives in four flat fp32 tensors of shape [K, numel] (weights, gradients,
 AdamW's two moments; trial-major, so each module's block is a view with contiguous inner dimensions and
@@ -35,7 +39,7 @@ The package, one module a part:
   ``layers``       PackedLoraLinear, the batched LoRA projection installed on each adapted module
   ``layout``       where each trial's A and B sit in the flat [K, numel] tensors; carrying survivors over
   ``slot``         Slot, one trial: spec, result, precomputed data order, token counts and learning rates
-  ``init``         peft-identical LoRA A initialisation
+  ``init``         peft-identical LoRA init: A by peft's RNG calls; PiSSA/OLoRA A0, B0 by peft's own layer code
   ``device_data``  the training set on the device
   ``optim``        per-trial gradient clipping and AdamW on the flat state
   ``attention``    causal SDPA without a padding mask for training forwards

@@ -16,23 +16,27 @@ import torch
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where each adapted module's A [r, in] and B [out, r] sit in a trial's row of the flat tensors."""
+    """Where each adapted module's A [r, in] and B [out, r] sit in a trial's row of the flat tensors; each
+    module has the largest rank any trial of the pack gives it (a part-adapted fused matrix: r per role)."""
 
-    r: int
-    modules: tuple[tuple[str, int, int], ...]  # (name, in_features, out_features), model order
+    modules: tuple[tuple[str, int, int, int], ...]  # (name, in_features, out_features, rank), model order
+
+    @property
+    def r(self) -> int:
+        return max(r for _, _, _, r in self.modules)
 
     @property
     def numel(self) -> int:
-        return sum(self.r * (i + o) for _, i, o in self.modules)
+        return sum(r * (i + o) for _, i, o, r in self.modules)
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _, _ in self.modules]
+        return [name for name, _, _, _ in self.modules]
 
     def blocks(self, flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (A [K, r, in], B [K, out, r]) views into ``flat`` [K, numel]."""
-        out, off, K, r = {}, 0, flat.shape[0], self.r
-        for name, i, o in self.modules:
+        out, off, K = {}, 0, flat.shape[0]
+        for name, i, o, r in self.modules:
             a = flat[:, off:off + r * i].view(K, r, i)
             off += r * i
             b = flat[:, off:off + o * r].view(K, o, r)
@@ -47,10 +51,10 @@ def _carry(src, src_layout: _Layout, rows, dst, dst_layout: _Layout) -> None:
     if src_layout == dst_layout:
         dst[:n] = src.index_select(0, rows)
         return
-    r = min(src_layout.r, dst_layout.r)  # a survivor's rank fits both; beyond it there is only padding
     dst_blocks = dst_layout.blocks(dst)
     for name, (a, b) in src_layout.blocks(src).items():
         if name in dst_blocks:  # else only departed trials adapted it
             da, db = dst_blocks[name]
+            r = min(a.shape[1], da.shape[1])  # a survivor's rank fits both; beyond it there is only padding
             da[:n, :r] = a.index_select(0, rows)[:, :r]
             db[:n, :, :r] = b.index_select(0, rows)[:, :, :r]

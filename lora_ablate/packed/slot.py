@@ -36,6 +36,11 @@ class Slot:
     def modules(self) -> frozenset[str]:
         return frozenset(self.plan.module_names)
 
+    def rank(self, name: str) -> int:
+        """The trial's rank on module ``name``: r, or r per adapted role on a part-adapted fused matrix."""
+        rows = self.plan.fused_rows.get(name)
+        return self.spec.lora.r * (len(rows) if rows else 1)
+
     @property
     def finished(self) -> bool:
         return self.done >= self.train.steps

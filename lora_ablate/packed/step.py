@@ -92,6 +92,7 @@ class Steps:
 
     def optimizer_step(self) -> None:
         """Clipping and AdamW on the gradients there are, which are then zeroed; the step is counted."""
+        self._mask()
         self._clip()
         self._adamw()
         self.pack.grads.zero_()
@@ -159,6 +160,11 @@ class Steps:
                             compiled=pack.device.type == "cuda")
         return token_nll(pack.model(input_ids=ids, use_cache=False, **extra).logits, labels)[0]
 
+    def _mask(self) -> None:
+        """B's rows of the fused roles a trial leaves out get no gradient (packed/pack.py ``_row_masks``)."""
+        for grad, mask in self.pack.row_masks:
+            grad.mul_(mask)
+
     def _clip(self) -> None:
         if not self.clip:
             return
@@ -204,13 +210,14 @@ class Steps:
         def body() -> None:
             with pack.compiled.active() if pack.compiled is not None else contextlib.nullcontext():
                 self._micro_batches(rows, widths, window, None)
+            self._mask()
             if self.clip:
                 clip_per_trial_(pack.grads, self.max_norm)
             adamw_per_trial_(pack.weights, pack.grads, pack.exp_avg, pack.exp_avg_sq, *scalars, self.decay_on)
             pack.grads.zero_()
 
         # evaluation re-binds the wrappers to fresh scale tensors; the graph keeps reading these
-        keep = [(w.lora_A, w.lora_B, w.scale, w.keep) for w in pack.wrappers.values()]
+        keep = [(w.lora_A, w.lora_B, w.scale, w.keep, w.init_A, w.init_B) for w in pack.wrappers.values()]
         graph = pack.graphs.capture(tuple(widths), lambda: self._forward_backward(rows, widths, window), undo, body,
                                     keep)
         self.graphed = graph is not None
