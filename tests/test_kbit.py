@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +223,50 @@ def test_packed_engine_trains_on_a_kbit_base_like_the_reference(tiny_dir, cpu_kb
     # step 1's loss is the base's; the later ones match only if the packed steps updated the adapter alike
     assert len(results[True]) == 4 and results[True] == pytest.approx(results[False], rel=1e-4)
     assert len(set(results[True])) == 4
+
+
+# ----------------------------------------------------------------------------- benchmarks/memory.py
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def memory_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("memory", None)
+    import memory
+
+    return memory
+
+
+def test_memory_benchmark_measures_a_kbit_configuration(memory_bench, tiny_dir, cpu_kbit):
+    """One configuration in-process on a CPU 4-bit base (with checkpointing): the phased loop and both
+    engines' trials run; CUDA counters are absent on a CPU, so only the step time is a number."""
+    args = memory_bench.argparse.Namespace(model=str(tiny_dir), device="cpu", quantization="4bit",
+                                           checkpointing=True, steps=memory_bench.WARMUP + 1, batch=2,
+                                           max_length=32)
+    row = memory_bench.measure(args)
+    assert row["quantization"] == "4bit" and row["checkpointing"] and row["step_ms"] > 0
+    assert {k for k in memory_bench.PHASES if row[k] is None} == set(memory_bench.PHASES) - {"step_ms"}
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    """The parent: one process per configuration, unquantized first, the ratios, JSON and markdown."""
+    out = tmp_path / "mem"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "memory.json").read_text())
+    assert [(r["quantization"], r["checkpointing"]) for r in report["rows"]] == [("none", False), ("none", True)]
+    assert all(r["ratio"]["step_ms"] == 1.0 and r["wall_s"] > 0 for r in report["rows"])
+    table = [x for x in (out / "memory.md").read_text().splitlines() if x.startswith("| float32")]
+    assert len(table) == 2
+
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--smoke", "--bases", "4bit",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "'4bit'" in lines[0]
+    assert not (tmp_path / "bad").exists()
 
 
 # ----------------------------------------------------------------------------- the same on a GPU
