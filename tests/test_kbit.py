@@ -9,6 +9,7 @@ $LORA_ABLATE_KBIT_CPU. The same flow on a GPU, on the default model, is the ``gp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -207,22 +208,24 @@ def test_train_merge_on_a_kbit_base(tiny_dir, cpu_kbit, make_exp, tmp_path, caps
     assert again["argmax_agree"] == pytest.approx(lg["argmax_agree"], abs=0.02)
 
 
-def test_packed_engine_trains_on_a_kbit_base_like_the_reference(tiny_dir, cpu_kbit, train_data):
-    """``train`` takes the packed engine on a GPU: it must train a k-bit base as the peft loop does."""
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_packed_engine_trains_on_a_kbit_base_like_the_reference(tiny_dir, cpu_kbit, train_data, mode):
+    """``train`` takes the packed engine on a GPU: with its GPU options (chunked LM-head loss, sequence
+    packing) and checkpointing it must train a k-bit base as the peft loop does."""
     from lora_ablate.config import LoraConfig, TrainConfig
+    from lora_ablate.packed import train_packed
     from lora_ablate.trainers import make_trainer
     from lora_ablate.trial import TrialSpec
 
-    kbit = load_base(ModelConfig(name=str(tiny_dir), quantization="4bit", device="cpu"))
-    results = {}
-    for fast in (False, True):
-        spec = TrialSpec(LoraConfig(r=4), TrainConfig(steps=4, batch_size=4, lr=1e-2, log_every=1), name=str(fast))
-        r = make_trainer(kbit, train_data, None, progress=False, fast=fast).train([spec])[0]
-        assert r.status == "ok", r.error
-        results[fast] = [h["loss"] for h in r.history]
+    kbit = load_base(ModelConfig(name=str(tiny_dir), quantization=mode, device="cpu"))
+    train = TrainConfig(steps=4, batch_size=4, lr=1e-2, log_every=1)
+    ref = make_trainer(kbit, train_data, None, progress=False).train([TrialSpec(LoraConfig(r=4), train, name="r")])[0]
+    spec = TrialSpec(LoraConfig(r=4), dataclasses.replace(train, gradient_checkpointing=True), name="p")
+    packed = train_packed(kbit, [spec], train_data, None, progress=False, fused_head=True, packing=True)[0]
+    assert ref.status == packed.status == "ok", (ref.error, packed.error)
     # step 1's loss is the base's; the later ones match only if the packed steps updated the adapter alike
-    assert len(results[True]) == 4 and results[True] == pytest.approx(results[False], rel=1e-4)
-    assert len(set(results[True])) == 4
+    losses = [h["loss"] for h in packed.history]
+    assert len(set(losses)) == 4 and losses == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- benchmarks/memory.py
