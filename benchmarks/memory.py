@@ -197,8 +197,8 @@ def verdicts(rows: list[dict]) -> list[str]:
         weights = r["ratio"].get("weights_mb")
         if ratio >= 1:
             lines.append(f"{r['quantization']} {ckpt} checkpointing: peak {ratio:.2f}x bf16's: quantization does NOT "
-                         f"pay on this model (weights {weights:.2f}x, but activations and the fp32 upcasts of "
-                         f"k-bit training outweigh what the weights save)")
+                         f"pay on this model (its weights are {weights:.2f}x bf16's, but what k-bit training adds "
+                         f"elsewhere outweighs that: see the phases)")
         else:
             lines.append(f"{r['quantization']} {ckpt} checkpointing: peak {ratio:.2f}x bf16's "
                          f"({r['peak_mb']:,.0f} MB against {r['peak_mb'] / ratio:,.0f} MB)")

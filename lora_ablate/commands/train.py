@@ -32,9 +32,9 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
         spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")
         # on a GPU the fast path (packed engine, one trial: CUDA graphs, chunked loss, packing); the plain peft
-        # loop on a CPU or with study.pack=1, the reference. Both train on a k-bit base (the packed layers call
-        # the bitsandbytes layer they wrap; its CUDA graphs are off for one); torch.compile over bitsandbytes'
-        # kernels is not what study.compile=auto turns on
+        # loop on a CPU or with study.pack=1, the reference. Both train a k-bit base alike (tests/test_kbit.py:
+        # the packed layers call the bitsandbytes layer they wrap), but torch.compile over bitsandbytes' kernels
+        # is untested, so study.compile=auto leaves a k-bit base eager
         fast = base.device.type == "cuda" and exp.study.pack != "1"
         result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress, pack=1, fast=fast,
                               compile=exp.study.compiles(fast and base.quantization == "none")).train([spec])[0]
