@@ -23,6 +23,9 @@ from lora_ablate.errors import UserError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
 GGUF_ENV = "LORA_ABLATE_GGUF"
+# bitsandbytes runs its 8-bit and 4-bit layers on a CPU too, slowly and without every fused kernel: off by
+# default (a CPU k-bit run is not what a user wants), on for tests that train on a k-bit base without a GPU
+KBIT_CPU_ENV = "LORA_ABLATE_KBIT_CPU"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the repository the embedded GGUF was quantized from; its weights are the GGUF's dequantized ones, not the
 # hub's bf16 ones, which is why the identity also carries the GGUF file's sha256
@@ -153,7 +156,7 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
     """Load, freeze and place the base model named by ``cfg``."""
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
-    if cfg.quantization != "none" and device.type != "cuda":
+    if cfg.quantization != "none" and device.type != "cuda" and os.environ.get(KBIT_CPU_ENV) != "1":
         raise UserError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); "
                         "this run is on the CPU: use model.quantization=none")
     if cfg.name == TINY_MODEL:
@@ -173,6 +176,19 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
         model.to(device=device, dtype=dtype)
     model.eval()
     return LoadedModel(model, tok, cfg.name, source, device, dtype, cfg.quantization, base_identity(cfg.name))
+
+
+def reload_full_precision(base: LoadedModel) -> LoadedModel:
+    """The base of a k-bit ``base`` again, unquantized, from the same source (GGUF cache, HF folder or hub
+    id) in its compute dtype, on its device: what a k-bit-trained adapter is merged into for inference."""
+    cfg = ModelConfig(name=base.name, dtype=str(base.dtype).removeprefix("torch."), device=str(base.device))
+    full = load_base(cfg)
+    # the source is found again by name: a GGUF replaced since the k-bit load would pair the adapter with
+    # other weights
+    if full.identity != base.identity:
+        raise UserError(f"model.name={base.name!r} changed while training (base identity {base.identity} is now "
+                        f"{full.identity}); merge the adapter with a base that matches it")
+    return full
 
 
 def _locate(name: str) -> tuple[str, str | None]:
@@ -236,8 +252,8 @@ def _load_quantized(where: str, mode: str, dtype: torch.dtype, device: torch.dev
     else:
         qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(where, quantization_config=qcfg, dtype=dtype,
-                                                 device_map={"": device.index or 0})
+    place = (device.index or 0) if device.type == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(where, quantization_config=qcfg, dtype=dtype, device_map={"": place})
     # checkpointing is switched on per trial (train.gradient_checkpointing), not here
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from lora_ablate.config import Experiment
 from lora_ablate.context import build_context, check_leakage
 from lora_ablate.errors import UserError
+from lora_ablate.merge import merge_adapter, summary_line
 from lora_ablate.rundir import RunDir, environment
 from lora_ablate.tracking import redacted
 from lora_ablate.trainers import make_trainer
@@ -22,9 +23,6 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
     """Train one adapter and write ``out``: config.yaml, adapter/, metrics.json, scores.jsonl,
     history.jsonl, environment.json (and merged/ with ``merge``). Returns ``out``."""
     out = Path(out) if out else default_out()
-    if merge and exp.model.quantization != "none":
-        raise UserError(f"--merge needs an unquantized base (model.quantization={exp.model.quantization}); "
-                        "merging into 8/4-bit weights would round the update away")
     run = RunDir(out)  # checks that out is free before any work
     leak = check_leakage(exp)  # a held-out score is void if it was trained on: refuse before the model loads
     ctx = build_context(exp)  # all input checks happen here, before anything is written
@@ -34,10 +32,12 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         report_base = ctx.evaluator.run(base.model, base.device) if exp.eval.base else None
         spec = TrialSpec(exp.lora, exp.train, name="train", adapter_dir=run.path / "adapter")
         # on a GPU the fast path (packed engine, one trial: CUDA graphs, chunked loss, packing); the plain peft
-        # loop on a CPU or with study.pack=1, the reference
+        # loop on a CPU or with study.pack=1, the reference. Both train a k-bit base alike (tests/test_kbit.py:
+        # the packed layers call the bitsandbytes layer they wrap), but torch.compile over bitsandbytes' kernels
+        # is untested, so study.compile=auto leaves a k-bit base eager
         fast = base.device.type == "cuda" and exp.study.pack != "1"
         result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress, pack=1, fast=fast,
-                              compile=exp.study.compiles(fast)).train([spec])[0]
+                              compile=exp.study.compiles(fast and base.quantization == "none")).train([spec])[0]
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
         run.yaml("config.yaml", redacted(exp).to_dict())
@@ -50,6 +50,11 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
             "headline": {s.name: s.headline for s in ctx.evaluator.sets},  # the metric each set is judged by
             "leakage": {**leak.summary, "examples": leak.rows},
         }
+        if merge:
+            # before metrics.json, which records what the merge of an adapter trained on a k-bit base costs
+            merged = merge_adapter(base, run.path / "adapter", run.path / "merged", ctx.evaluator)
+            if base.quantization != "none":
+                metrics["merge"] = merged
         run.json("metrics.json", metrics)
         rows = [{"phase": "final", **r} for r in result.final.examples]
         if report_base:
@@ -57,20 +62,11 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         run.jsonl("scores.jsonl", rows)
         run.jsonl("history.jsonl", [{"kind": "train", **h} for h in result.history]
                   + [{"kind": "eval", **e} for e in result.evals])
-        if merge:
-            merge_adapter(base, run.path / "adapter", run.path / "merged")
     print_metrics(metrics)
+    if "merge" in metrics:
+        print(summary_line(metrics["merge"]))
     print(f"run written to {out}")
     return out
-
-
-def merge_adapter(base, adapter_dir: Path, dest: Path) -> None:
-    """Fold B·A into the base weights and save a plain transformers model (zero-latency inference)."""
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(dest))
-    base.tokenizer.save_pretrained(str(dest))
 
 
 def print_metrics(metrics: dict) -> None:
