@@ -241,3 +241,43 @@ def test_four_workers_on_postgres_train_a_grid_once_while_one_is_killed_mid_tria
     parents = client.search_runs([exp_id], "tags.`lora_ablate.kind` = 'study'")
     assert len(parents) == 4 and len({r.info.run_name for r in parents}) == 4
     assert elapsed < 240
+
+
+# ----------------------------------------------------------------------------- the load benchmark's harness
+
+
+def test_the_load_benchmark_finds_every_cell_once_and_records_the_stores_latencies(tmp_path, postgres):
+    """benchmarks/scale_out_load.py's core on a small grid (3 workers, 30 trials): its exactly-once check
+    passes, and every worker wrote its timings."""
+    import scale_out_load
+
+    class Server:  # the module's server: the load test's databases go next to the other tests'
+        version = "test"
+        new_db = staticmethod(postgres)
+
+    report = scale_out_load.run_load(tmp_path / "out", workers=3, ranks=1, seeds=3, server=Server(), timeout=300)
+    checks = report["checks"]
+    assert checks["ok"], checks["problems"]
+    assert checks["optuna_states"] == {"COMPLETE": 30} and checks["mlflow_finished_trial_runs"] == 30
+    assert checks["mlflow_parent_runs"] == 3 and checks["mlflow_running_runs"] == 0
+    t = report["timings"]
+    assert t["tell"]["n"] == 30 and t["mlflow_start"]["n"] == 30 and t["ask"]["n"] >= 30
+    assert t["tell"]["workers"] == 3 and 0 < t["tell"]["p50_ms"] <= t["tell"]["p95_ms"] <= t["tell"]["max_ms"]
+    assert (tmp_path / "out" / "load.md").read_text().count("|") > 10
+
+
+def test_the_load_check_reports_lost_and_doubled_cells_and_missing_runs(tmp_path):
+    import scale_out_load
+    from optuna.distributions import IntDistribution
+
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    for _ in range(2):  # the same cell twice, and the second expected cell never trained
+        study.add_trial(optuna.trial.create_trial(params={"r": 1}, distributions={"r": IntDistribution(1, 2)},
+                                                  value=1.0))
+    MlflowClient(tracking).create_experiment("s")
+    checks = scale_out_load.check_stores(storage, tracking, "s", expected=2)
+    problems = " | ".join(checks["problems"])
+    assert not checks["ok"]
+    assert "1 distinct cells COMPLETE, expected 2" in problems and "1 cell(s) COMPLETE more than once" in problems
+    assert "trial 0: 0 FINISHED MLflow runs" in problems and "trial 1: 0 FINISHED MLflow runs" in problems
