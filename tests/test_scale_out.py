@@ -89,6 +89,21 @@ def test_a_claim_is_won_once_and_an_orphaned_claim_is_taken_over(tmp_path, monke
     assert attempt_of(cell, []) == 0
 
 
+def test_check_base_refuses_what_load_base_would_without_loading_weights():
+    from lora_ablate.config import ModelConfig
+    from lora_ablate.errors import UserError
+    from lora_ablate.models import check_base
+
+    check_base(ModelConfig(name="tiny-llama"))
+    for cfg, words in [(ModelConfig(name="nobody/no-such-model"), ["'nobody/no-such-model'", "could not be loaded"]),
+                       (ModelConfig(name="/no/such/model"), ["'/no/such/model'", "not a known model"]),
+                       (ModelConfig(name="/no/such/model.gguf"), ["model.gguf", "does not exist"]),
+                       (ModelConfig(name="tiny-llama", quantization="4bit"), ["4bit", "none"])]:
+        with pytest.raises(UserError) as e:
+            check_base(cfg)
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
 @pytest.mark.parametrize("bad, named", [("model.name=nobody/no-such-model", "nobody/no-such-model"),
                                         ("data.train=/nonexistent/train.jsonl", "/nonexistent/train.jsonl")])
 def test_bad_input_with_workers_fails_once_in_the_parent_and_leaves_no_study(tmp_path, bad, named):
