@@ -156,12 +156,8 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
     """Load, freeze and place the base model named by ``cfg``."""
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
-    if cfg.quantization != "none" and device.type != "cuda" and os.environ.get(KBIT_CPU_ENV) != "1":
-        raise UserError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); "
-                        "this run is on the CPU: use model.quantization=none")
+    _check_quantization(cfg, device)
     if cfg.name == TINY_MODEL:
-        if cfg.quantization != "none":
-            raise UserError("tiny-llama is for tests and has no quantized mode; use model.quantization=none")
         from lora_ablate.tiny import tiny_llama
 
         model, tok = tiny_llama()
@@ -189,6 +185,31 @@ def reload_full_precision(base: LoadedModel) -> LoadedModel:
         raise UserError(f"model.name={base.name!r} changed while training (base identity {base.identity} is now "
                         f"{full.identity}); merge the adapter with a base that matches it")
     return full
+
+
+def check_base(cfg: ModelConfig) -> None:
+    """What ``load_base`` would refuse, found without loading weights (a parent that only starts workers):
+    the device, the quantization, and that the name resolves; a hub id's config is fetched (or read from the
+    cache when offline), the few kilobytes that tell a real model from a misspelt one."""
+    _check_quantization(cfg, resolve_device(cfg))
+    if cfg.name == TINY_MODEL:
+        return
+    where, gguf = _locate(cfg.name)
+    if gguf is None and not Path(where).exists():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(where)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def _check_quantization(cfg: ModelConfig, device: torch.device) -> None:
+    if cfg.quantization != "none" and device.type != "cuda" and os.environ.get(KBIT_CPU_ENV) != "1":
+        raise UserError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); "
+                        "this run is on the CPU: use model.quantization=none")
+    if cfg.name == TINY_MODEL and cfg.quantization != "none":
+        raise UserError("tiny-llama is for tests and has no quantized mode; use model.quantization=none")
 
 
 def _locate(name: str) -> tuple[str, str | None]:

@@ -7,14 +7,10 @@ loopback port with its data directory in a temporary folder; without its binarie
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,51 +23,23 @@ from lora_ablate.study.claims import Claims, attempt_of
 from lora_ablate.study.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from local_pg import PostgresUnavailable, local_postgres  # noqa: E402 - the one server helper, shared
+
 GRID12 = "axes:\n  lora.r: {grid: [1, 2, 4]}\n  lora.targets: {grid: [[q], [v], [q, v], [q, k, v, o]]}\n"
 TINY = ["model.name=tiny-llama", "data.train_size=8", "data.max_length=32", "train.steps=1", "train.batch_size=2",
         "eval.size=2", "eval.batch_size=2", "eval.generate=false", "eval.sets=[heldout_instances]",
         "eval.base=false"]
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[::-1]), None)
-    return found
-
-
 @pytest.fixture(scope="module")
 def postgres():
     """``postgres(name)`` -> the URL of a new, empty database on a private PostgreSQL server on 127.0.0.1."""
-    initdb, pg_ctl, createdb = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("createdb")
-    if not (initdb and pg_ctl and createdb):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql")
-    root = tempfile.mkdtemp(prefix="lora_ablate_pg_")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: its package's user runs it
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root without a 'postgres' user to run the PostgreSQL server")
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = f"{root}/data"
-    names = iter(range(10**6))
-
-    def new_db(prefix: str = "db") -> str:
-        name = f"{prefix}{next(names)}"
-        subprocess.run([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name], check=True)
-        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
-
     try:
-        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                       capture_output=True)
-        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", f"{root}/log", "-w", "-o",
-                        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200", "start"],
-                       check=True, capture_output=True)
-        yield new_db
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        with local_postgres(fsync=False, prefer="debian") as server:
+            yield server.new_db
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
 
 
 def env(**extra) -> dict:
@@ -119,6 +87,36 @@ def test_a_claim_is_won_once_and_an_orphaned_claim_is_taken_over(tmp_path, monke
     time.sleep(0.01)
     assert b.claim(cell, 0)  # its worker died before its trial existed: the claim is taken over
     assert attempt_of(cell, []) == 0
+
+
+def test_check_base_refuses_what_load_base_would_without_loading_weights():
+    from lora_ablate.config import ModelConfig
+    from lora_ablate.errors import UserError
+    from lora_ablate.models import check_base
+
+    check_base(ModelConfig(name="tiny-llama"))
+    for cfg, words in [(ModelConfig(name="nobody/no-such-model"), ["'nobody/no-such-model'", "could not be loaded"]),
+                       (ModelConfig(name="/no/such/model"), ["'/no/such/model'", "not a known model"]),
+                       (ModelConfig(name="/no/such/model.gguf"), ["model.gguf", "does not exist"]),
+                       (ModelConfig(name="tiny-llama", quantization="4bit"), ["4bit", "none"])]:
+        with pytest.raises(UserError) as e:
+            check_base(cfg)
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("bad, named", [("model.name=nobody/no-such-model", "nobody/no-such-model"),
+                                        ("data.train=/nonexistent/train.jsonl", "/nonexistent/train.jsonl")])
+def test_bad_input_with_workers_fails_once_in_the_parent_and_leaves_no_study(tmp_path, bad, named):
+    """Checked before the study exists and before any worker starts: one line, exit 2, no empty study."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.run([sys.executable, "-m", "lora_ablate", "study", "--workers", "2", "--workspace",
+                           str(tmp_path / "ws"), "--storage", storage, "--quiet", *TINY, bad],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert lines[0].startswith("error:") and named in lines[0], lines
+    assert "worker(s) done" not in proc.stdout  # no worker was started
+    assert not (tmp_path / "optuna.db").exists() or optuna.study.get_all_study_names(open_storage(storage)) == []
 
 
 # ----------------------------------------------------------------------------- creation races
@@ -258,3 +256,43 @@ def test_four_workers_on_postgres_train_a_grid_once_while_one_is_killed_mid_tria
     parents = client.search_runs([exp_id], "tags.`lora_ablate.kind` = 'study'")
     assert len(parents) == 4 and len({r.info.run_name for r in parents}) == 4
     assert elapsed < 240
+
+
+# ----------------------------------------------------------------------------- the load benchmark's harness
+
+
+def test_the_load_benchmark_finds_every_cell_once_and_records_the_stores_latencies(tmp_path, postgres):
+    """benchmarks/scale_out_load.py's core on a small grid (3 workers, 30 trials): its exactly-once check
+    passes, and every worker wrote its timings."""
+    import scale_out_load
+
+    class Server:  # the module's server: the load test's databases go next to the other tests'
+        version = "test"
+        new_db = staticmethod(postgres)
+
+    report = scale_out_load.run_load(tmp_path / "out", workers=3, ranks=1, seeds=3, server=Server(), timeout=300)
+    checks = report["checks"]
+    assert checks["ok"], checks["problems"]
+    assert checks["optuna_states"] == {"COMPLETE": 30} and checks["mlflow_finished_trial_runs"] == 30
+    assert checks["mlflow_parent_runs"] == 3 and checks["mlflow_running_runs"] == 0
+    t = report["timings"]
+    assert t["tell"]["n"] == 30 and t["mlflow_start"]["n"] == 30 and t["ask"]["n"] >= 30
+    assert t["tell"]["workers"] == 3 and 0 < t["tell"]["p50_ms"] <= t["tell"]["p95_ms"] <= t["tell"]["max_ms"]
+    assert (tmp_path / "out" / "load.md").read_text().count("|") > 10
+
+
+def test_the_load_check_reports_lost_and_doubled_cells_and_missing_runs(tmp_path):
+    import scale_out_load
+    from optuna.distributions import IntDistribution
+
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    for _ in range(2):  # the same cell twice, and the second expected cell never trained
+        study.add_trial(optuna.trial.create_trial(params={"r": 1}, distributions={"r": IntDistribution(1, 2)},
+                                                  value=1.0))
+    MlflowClient(tracking).create_experiment("s")
+    checks = scale_out_load.check_stores(storage, tracking, "s", expected=2)
+    problems = " | ".join(checks["problems"])
+    assert not checks["ok"]
+    assert "1 distinct cells COMPLETE, expected 2" in problems and "1 cell(s) COMPLETE more than once" in problems
+    assert "trial 0: 0 FINISHED MLflow runs" in problems and "trial 1: 0 FINISHED MLflow runs" in problems

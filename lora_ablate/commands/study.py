@@ -101,8 +101,12 @@ def study(space: str | None = None, config: Path | None = None, overrides: list[
 
 
 def _study_pool(sp: Space, exp: Experiment, workers: str, progress: bool) -> int:
-    """Create the study (so that its settings are in the storage), then let N ``worker`` processes train it."""
+    """Create the study (so that its settings are in the storage), then let N ``worker`` processes train it.
+    Config, space, stores, data and eval sets were checked by the caller; the model is checked here without
+    loading it (each worker loads its own), so bad input fails once, here, before the study exists, not in
+    every worker after it was created empty."""
     from lora_ablate.commands.pool import pool
+    from lora_ablate.models import check_base
     from lora_ablate.study import objective_of, storage_url
     from lora_ablate.study.storage import load_or_create
 
@@ -111,6 +115,7 @@ def _study_pool(sp: Space, exp: Experiment, workers: str, progress: bool) -> int
     if exp.study.n_trials:
         raise UserError("--n-trials counts one process's trials; with --workers use --timeout, or let the "
                         "workers finish what the space needs")
+    check_base(exp.model)
     study, _ = load_or_create(exp, sp, objective_of(exp))
     args = ["--study", study.study_name, "--storage", storage_url(exp), "--workspace", exp.study.workspace]
     if not exp.tracking.enabled:

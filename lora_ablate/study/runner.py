@@ -34,6 +34,7 @@ from lora_ablate.study.schedule import Plan, params_of, plan
 from lora_ablate.study.settings import check_study, seeds_of, storage_url
 from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists, unwritable
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
+from lora_ablate.study.workers import timed
 from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord
 from lora_ablate.trainers import make_trainer
 from lora_ablate.trial import Trainer, TrialResult, TrialSpec
@@ -181,15 +182,16 @@ class StudyRunner:
         # WAITING first (a dead worker's trial queued again, one enqueued by hand), then a planned trial this
         # worker claims (see claims.py: never check-then-enqueue, which lets two workers train one cell)
         while True:
-            trial = claims.take_waiting(self.study)
-            if trial is None:
-                trials = self.study.get_trials(deepcopy=False)
-                p = plan(self.space, self.seeds, trials, self.exp.study.retry_failed, frozenset(self.failed_now))
-                nxt = self.claims.first(p.todo, trials)
-                if nxt is None and self.exp.study.n_trials > 0 and p.extra is not None and not p.todo:
-                    nxt = p.extra  # a sample beyond the space's budget: any number of them is right
-                if nxt is not None:
-                    trial = claims.create_running(self.study, nxt)
+            with timed("ask"):
+                trial = claims.take_waiting(self.study)
+                if trial is None:
+                    trials = self.study.get_trials(deepcopy=False)
+                    p = plan(self.space, self.seeds, trials, self.exp.study.retry_failed, frozenset(self.failed_now))
+                    nxt = self.claims.first(p.todo, trials)
+                    if nxt is None and self.exp.study.n_trials > 0 and p.extra is not None and not p.todo:
+                        nxt = p.extra  # a sample beyond the space's budget: any number of them is right
+                    if nxt is not None:
+                        trial = claims.create_running(self.study, nxt)
             if trial is not None:
                 break
             # out of work: a pack's other trials train on meanwhile; a pool's worker stays while others' trials
@@ -222,7 +224,8 @@ class StudyRunner:
         """Params -> the trial's experiment and spec; a trial that cannot be built fails right here."""
         flight = InFlight(trial, {}, TrialRecord(trial.number, {}, None))
         try:
-            flight.params = suggest(trial, self.space, self.seeds)
+            with timed("suggest"):
+                flight.params = suggest(trial, self.space, self.seeds)
             trial_exp = self.space.trial_experiment(self.exp, flight.params, self._params_per_rank)
         except (UserError, ValueError) as e:  # e.g. a trial enqueued by hand with a value outside the space
             flight.params = params_of(self.storage.get_trial(heartbeat.trial_id(trial)))
@@ -234,7 +237,8 @@ class StudyRunner:
             return flight
         key = config_key(trial_exp)
         flight.record = TrialRecord(trial.number, flight.params, trial_exp, key)
-        flight.run_id = self.tracker.start_trial(flight.record)
+        with timed("mlflow_start"):
+            flight.run_id = self.tracker.start_trial(flight.record)
         trial.set_user_attr("config_key", key)
         if flight.run_id:
             trial.set_user_attr("mlflow_run_id", flight.run_id)
@@ -267,20 +271,22 @@ class StudyRunner:
                 trial.set_user_attr(k, v)
 
         def commit():
-            if state == "PRUNED":
-                self.study.tell(trial, state=TrialState.PRUNED)
-            elif state == "COMPLETE":
-                self.study.tell(trial, value)
-            else:
-                self.study.tell(trial, state=TrialState.FAIL)
-                self.failed_now.add(trial.number)
+            with timed("tell"):
+                if state == "PRUNED":
+                    self.study.tell(trial, state=TrialState.PRUNED)
+                elif state == "COMPLETE":
+                    self.study.tell(trial, value)
+                else:
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    self.failed_now.add(trial.number)
 
         record = f.record
         record.state, record.reason, record.result, record.wall_s = state, reason, r, seconds
         # Optuna is told only once MLflow holds the run's metrics and artifacts (a kill before leaves a stale
         # trial, trained again; a kill after, a run that the next invocation closes by Optuna's state)
         record.commit = commit
-        self.tracker.finish_trial(f.run_id, record)
+        with timed("mlflow_finish"):  # includes the tell, which it makes once MLflow holds the run
+            self.tracker.finish_trial(f.run_id, record)
         if f.spec is not None:
             self.flying.pop(f.spec.name, None)
         self.beats.discard(trial)

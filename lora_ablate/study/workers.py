@@ -1,17 +1,45 @@
 """Workers that join a study from the storage alone: the base experiment and the space a study was created
 with are in its user attrs (``storage.stored_setup``), so a worker on any machine needs the study's name and
-the stores' URLs, and no config file. Also who is working on a study right now (``live_workers``)."""
+the stores' URLs, and no config file. Also who is working on a study right now (``live_workers``), and what
+the shared stores cost each worker (``timed``, on with ``$LORA_ABLATE_TIMINGS``)."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lora_ablate.config import build_experiment
 from lora_ablate.errors import UserError, choices
 from lora_ablate.spaces import Space, load_space, parse_space
+from lora_ablate.stores import worker_label
 from lora_ablate.study.storage import open_storage
 from lora_ablate.workspace import redact
+
+TIMINGS_ENV = "LORA_ABLATE_TIMINGS"
+
+
+@contextmanager
+def timed(op: str):
+    """With ``$LORA_ABLATE_TIMINGS=DIR``, append ``{op, seconds, worker}`` for the block to
+    ``DIR/<worker>.jsonl``: how long a worker waits on the shared stores (claim/ask, tell, MLflow), which
+    grows with the number of workers and is invisible in a trial's own wall time. Off, it costs one
+    environment read. One file per process, so no two writers share a file."""
+    folder = os.environ.get(TIMINGS_ENV)
+    if not folder:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - t0
+        who = worker_label()
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{who}.jsonl"), "a") as f:
+            f.write(json.dumps({"op": op, "seconds": seconds, "worker": who, "t": time.time()}) + "\n")
 
 
 def joined_setup(storage_url: str, name: str, study: dict, tracking: dict) -> tuple[Space, object]:
