@@ -148,8 +148,8 @@ def study_command(args, data: Path, workspace: Path) -> list[str]:
             f"data.train={(data / 'train.jsonl').resolve()}", "data.fields={prompt: prompt, completion: completion}",
             "data.train_size=0", f"data.max_length={args.max_length}", f"eval.sets=[{sets}]",
             f"eval.size={args.eval_size}", f"eval.max_new_tokens={args.max_new_tokens}",
-            # a timing benchmark: its heldout_instances shares passages with train (36.5% exact or near, see
-            # the leakage check); evals/splits/t0_by_source.yaml is the clean split for accuracy claims
+            # a timing benchmark: its heldout_instances shares passages with train (over a third share a passage, see
+            # the leakage check); evals/splits/t0_clean.yaml is the clean split for accuracy claims
             "data.max_leakage=1", *args.overrides]
 
 

@@ -41,7 +41,7 @@ FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
 FIELD_KEYS = ("instruction", "input", "output", "instances", "prompt", "completion")
 # what an inline eval.sets entry may say (a set file under evals/sets/ says the same, plus description)
-SET_KEYS = ("path", "source", "name", "fields", "format", "size", "metrics", "headline", "leakage")
+SET_KEYS = ("path", "source", "name", "fields", "format", "size", "metrics", "headline", "leakage", "generate")
 
 
 def _f(default, doc: str):
@@ -195,6 +195,9 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "greedy generation length limit")
     generate: bool = _f(True, "score greedy generations (exact match, ROUGE-L); off = NLL only")
     base: bool = _f(True, "also evaluate the base model before training, for comparison")
+    retention: tuple = _f((), "retention (forgetting) sets, scored with the base model and every adapter by NLL "
+                              "only (a set file's generate: true adds generation): set names, set .yaml files, "
+                              "record files or split:<split>:<part>, e.g. [retention_user]")
 
     def __post_init__(self):
         if not self.sets:
@@ -202,6 +205,11 @@ class EvalConfig:
         for entry in self.sets:
             if isinstance(entry, dict):
                 _check_set_entry(entry)
+        for entry in self.retention:
+            # export reads the sets back from the recorded config, so an entry must be a name, not a mapping
+            if not isinstance(entry, str) or not entry:
+                raise UserError(f"eval.retention entry {entry!r} is not valid; name a set under evals/sets/ "
+                                "(e.g. retention_user), a set .yaml file, a record file or split:<split>:<part>")
         _positive("eval", "size", self.size, allow_zero=True)
         _positive("eval", "every", self.every, allow_zero=True)
         _positive("eval", "batch_size", self.batch_size)

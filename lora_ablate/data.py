@@ -42,6 +42,8 @@ class EvalSet:
     metrics: tuple[str, ...] = ("exact_match", "rouge_l")  # scored on greedy generations
     headline: str = "exact_match"  # the one number a table shows for this set
     leakage: str = "check"
+    role: str = "heldout"  # or "retention": scored for what training forgets (eval.retention)
+    generate: bool = True  # scored on generations when eval.generate is on too
 
 
 # ---------------------------------------------------------------- sources
@@ -328,20 +330,35 @@ def _check_spec(spec: dict) -> None:
     spec["headline"] = headline
     if spec.get("leakage", "check") not in LEAKAGE:
         raise UserError(f"{where}: leakage={spec['leakage']!r}; choose one of: {choices(LEAKAGE)}")
+    if not isinstance(spec.get("generate", True), bool):
+        raise UserError(f"{where}: generate={spec['generate']!r} is not valid; write true or false")
 
 
-def load_eval_set(name, size: int, seed: int, fields: dict | None = None) -> EvalSet:
-    """A held-out set from an ``eval.sets`` entry (see :func:`set_spec`); ``size`` 0 = the set's own size."""
+def load_eval_set(name, size: int, seed: int, fields: dict | None = None, role: str = "heldout") -> EvalSet:
+    """A held-out set from an ``eval.sets`` entry (see :func:`set_spec`); ``size`` 0 = the set's own size.
+    A retention set is scored by NLL unless its spec says ``generate: true``: what it measures is how
+    much likelier the base's kind of text stays, and generation would cost most of its evaluation."""
     spec = set_spec(name, fields)
     hint = "data.fields" if fields and spec.get("fields") is fields else "fields: in its eval.sets entry or set file"
     examples = load_examples(spec["source"], spec.get("fields"), size or int(spec.get("size") or 0), seed,
                              spec.get("format", ""), hint)
-    return EvalSet(spec["name"], tuple(examples), spec.get("description", ""), spec["metrics"], spec["headline"],
-                   spec.get("leakage", "check"))
+    generate = bool(spec.get("generate", role != "retention"))
+    # a set scored without generations has only NLL to lead with
+    headline = spec["headline"] if generate or spec["headline"] in ("nll", "ppl") else "nll"
+    return EvalSet(spec["name"], tuple(examples), spec.get("description", ""), spec["metrics"], headline,
+                   spec.get("leakage", "check"), role, generate)
 
 
 def load_eval_sets(ev, data: DataConfig) -> list[EvalSet]:
-    return [load_eval_set(entry, ev.size, data.seed, data.fields) for entry in ev.sets]
+    """The held-out sets of ``eval.sets`` then the retention sets of ``eval.retention``."""
+    sets = [load_eval_set(entry, ev.size, data.seed, data.fields) for entry in ev.sets]
+    sets += [load_eval_set(entry, ev.size, data.seed, data.fields, "retention") for entry in ev.retention]
+    names = [s.name for s in sets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"held-out set name(s) {twice} appear twice in eval.sets and eval.retention; a set's "
+                        "metrics are recorded under its name, so name each once")
+    return sets
 
 
 # ---------------------------------------------------------------- prompts and tokens

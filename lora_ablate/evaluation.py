@@ -118,6 +118,10 @@ class Evaluator:
             size = max(size, GPU_GENERATE_ROWS // max(1, copies))
         return [order[i:i + size] for i in range(0, len(order), size)]
 
+    def generates(self, s: EvalSet, generate: bool | None = None) -> bool:
+        """Whether set ``s`` is scored on generations (a retention set by default is not)."""
+        return (self.cfg.generate if generate is None else generate) and s.generate
+
     def tick(self, what: str) -> None:
         """One batch or generate call done (a no-op outside a run() with progress on)."""
         if self._bar is not None:
@@ -127,17 +131,18 @@ class Evaluator:
     def run(self, model, device, generate: bool | None = None) -> EvalReport:
         from tqdm.auto import tqdm
 
-        generate = self.cfg.generate if generate is None else generate
         report = EvalReport()
         steps = sum(-(-len(self.encoded[s.name]) // self.cfg.batch_size)
-                    + (len(self.generation_chunks(s.name, device, 1)) if generate else 0) for s in self.sets)
+                    + (len(self.generation_chunks(s.name, device, 1)) if self.generates(s, generate) else 0)
+                    for s in self.sets)
         examples = sum(len(s.examples) for s in self.sets)
         self._bar = tqdm(total=steps, desc=f"eval {len(self.sets)} sets, {examples} examples", unit="batch",
                          disable=not self.progress, leave=False, mininterval=1.0)
         try:
             nlls = self.nll(model, device)
             for s in self.sets:
-                report.add(s, nlls[s.name], self.generate(model, device, s.name) if generate else None)
+                preds = self.generate(model, device, s.name) if self.generates(s, generate) else None
+                report.add(s, nlls[s.name], preds)
         finally:
             self._bar.close()
             self._bar = None

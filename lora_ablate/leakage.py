@@ -2,7 +2,7 @@
 
 A held-out score means nothing when the adapter was trained on the same prompts, so every ``train`` and
 ``study`` checks its data before the model loads and refuses to start when a set's overlap is above
-``data.max_leakage``. Two kinds are counted per held-out example:
+``data.max_leakage``. Three kinds are counted per held-out example:
 
 - exact: the normalised prompt (instruction + input), or a reference of at least ``N`` words, equals one
   in the training data;
@@ -10,6 +10,12 @@ A held-out score means nothing when the adapter was trained on the same prompts,
   measured on the example's content (its input when it has one, else its prompt) and on long references;
   a templated task's shared instruction would otherwise make every instance look like a near-duplicate
   of every other.
+- passage: the example's content shares a passage with a training text of another template (``family``:
+  T0's template name; T0 renders one passage through many templates): at least ``PASSAGE_MIN`` of their
+  content ``N``-grams, and at least ``NEAR`` of the smaller side's, are shared. Jaccard misses these,
+  because each template adds its own words; within one template the template's own words would make
+  every pair look alike, and a same-template repeat is a near-duplicate anyway. Records without a family
+  (plain files) are all of one, so this rule never fires for them.
 
 The held-out side is small, so it is the side that is indexed (exact form and n-gram -> example ids); the
 training data is streamed once, each text costing one pass over its n-grams.
@@ -26,6 +32,8 @@ from lora_ablate.errors import UserError
 
 N = 8
 NEAR = 0.5
+PASSAGE_MIN = 2  # shared n-grams: one shared 8-gram alone is too weak a sign of a passage
+KINDS = ("exact", "near", "passage")
 _PUNCT = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SHOWN = 10  # examples printed per set; all of them go to the run's leakage.jsonl
@@ -44,7 +52,7 @@ def shingles(norm: str, n: int = N) -> set[tuple[str, ...]]:
 def _texts(ex, n: int) -> tuple[str, str, str]:
     """(exact prompt key, near-duplicate content, reference key or '' when too short to say anything)."""
     prompt = normalize(f"{ex.instruction} {ex.input}")
-    content = normalize(ex.input) if ex.input.strip() else prompt
+    content = normalize(ex.input) if ex.input.strip() else prompt  # the same string: normalised once
     ref = normalize(ex.output)
     return prompt, content, ref if len(ref.split()) >= n else ""
 
@@ -74,15 +82,15 @@ class Index:
 
     def near_hits(self, norm: str, threshold: float = NEAR) -> dict[int, float]:
         grams = shingles(norm, self.n)
-        if not grams:
-            return {}
-        counts = Counter(k for g in grams for k in self.grams.get(g, ()))
         out = {}
-        for k, c in counts.items():
-            j = c / (len(grams) + self.sizes[k] - c)
-            if j >= threshold:
+        for k, c in self.shared(grams).items():
+            if (j := c / (len(grams) + self.sizes[k] - c)) >= threshold:
                 out[k] = j
         return out
+
+    def shared(self, grams: set) -> Counter:
+        """How many of ``grams`` each indexed text has (only those with any)."""
+        return Counter(k for g in grams & self.grams.keys() for k in self.grams[g])
 
 
 @dataclass
@@ -100,12 +108,21 @@ class SetOverlap:
         return sum(r["kind"] == "near" for r in self.rows)
 
     @property
+    def passage(self) -> int:
+        return sum(r["kind"] == "passage" for r in self.rows)
+
+    def describe(self) -> str:
+        return f"{self.exact} exact, {self.near} near-duplicate, {self.passage} sharing a passage"
+
+    @property
     def fraction(self) -> float:
         return len(self.rows) / self.n if self.n else 0.0
 
 
 def matches(train, heldout, n: int = N, threshold: float = NEAR):
-    """Every (held-out index, train index, kind, field, jaccard) match, streaming ``train`` once."""
+    """Every (held-out index, train index, kind, field, score) match, reading ``train`` once: kind exact,
+    near (score: Jaccard) or passage (score: the shared fraction of the smaller side's n-grams)."""
+    heldout = list(heldout)
     prompts, contents, refs = Index(n), Index(n), Index(n)
     for i, ex in enumerate(heldout):
         p, c, r = _texts(ex, n)
@@ -118,23 +135,45 @@ def matches(train, heldout, n: int = N, threshold: float = NEAR):
             yield i, t, "exact", "prompt", 1.0
         for i in refs.exact_hits(r):
             yield i, t, "exact", "reference", 1.0
-        for i, j in contents.near_hits(c, threshold).items():
-            yield i, t, "near", "prompt", j
         for i, j in refs.near_hits(r, threshold).items():
             yield i, t, "near", "reference", j
+        grams = shingles(c, n)
+        for i, shared in contents.shared(grams).items():
+            size = contents.sizes[i]
+            if (j := shared / (len(grams) + size - shared)) >= threshold:
+                yield i, t, "near", "prompt", j
+            elif (shared >= PASSAGE_MIN and shared / min(len(grams), size) >= threshold
+                  and ex.family != heldout[i].family):
+                yield i, t, "passage", "prompt", shared / min(len(grams), size)
+
+
+def leaking_train(train, heldout, kinds=KINDS, n: int = N, threshold: float = NEAR) -> set[int]:
+    """The indices of ``train`` whose rows :func:`matches` pairs with a held-out example by one of ``kinds``.
+
+    Every rule compares one pair of texts, never counts over the data, so the check of any subset of the
+    rows left (a smaller ``data.train_size`` or ``eval.size``) finds none of those kinds either."""
+    return {t for _, t, kind, *_ in matches(train, heldout, n, threshold) if kind in kinds}
 
 
 def overlap(train, heldout, name: str = "", n: int = N, threshold: float = NEAR) -> SetOverlap:
     """The held-out examples of ``heldout`` that also occur in ``train`` (both iterables of ``Example``), each
-    with its first match (an exact one if there is any)."""
-    heldout = list(heldout)
+    with its strongest match (exact before near before passage; ``score`` is the Jaccard similarity, or for
+    a passage the shared fraction of distinctive n-grams)."""
+    return overlaps(train, [(name, list(heldout))], n, threshold)[0]
+
+
+def overlaps(train, sets, n: int = N, threshold: float = NEAR) -> list[SetOverlap]:
+    """:func:`overlap` of each ``(name, examples)`` in ``sets``, reading ``train`` once for all of them."""
+    held = [(name, k, ex) for name, examples in sets for k, ex in enumerate(examples)]
     found: dict[int, dict] = {}
-    for i, t, kind, what, j in matches(train, heldout, n, threshold):
+    for i, t, kind, what, j in matches(train, [ex for *_, ex in held], n, threshold):
         old = found.get(i)
-        if old is None or (old["kind"] == "near" and kind == "exact"):
-            found[i] = {"set": name, "idx": i, "kind": kind, "field": what, "train_idx": t,
-                        "jaccard": round(j, 4), "prompt": heldout[i].instruction[:200]}
-    return SetOverlap(name, len(heldout), [found[i] for i in sorted(found)])
+        if old is None or KINDS.index(kind) < KINDS.index(old["kind"]):
+            name, k, ex = held[i]
+            found[i] = {"set": name, "idx": k, "kind": kind, "field": what, "train_idx": t,
+                        "score": round(j, 4), "prompt": ex.instruction[:200]}
+    rows = [found[i] for i in sorted(found)]
+    return [SetOverlap(name, len(examples), [r for r in rows if r["set"] == name]) for name, examples in sets]
 
 
 @dataclass
@@ -143,16 +182,14 @@ class Leakage:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for a tracker: ``leakage/<set>/{exact,near,fraction}``."""
-        out = {}
-        for s in self.sets:
-            out.update({f"leakage/{s.name}/exact": float(s.exact), f"leakage/{s.name}/near": float(s.near),
-                        f"leakage/{s.name}/fraction": s.fraction})
-        return out
+        """Flat numbers for a tracker: ``leakage/<set>/{exact,near,passage,fraction}``."""
+        return {f"leakage/{name}/{k}": float(v) for name, row in self.summary.items() for k, v in row.items()
+                if k != "n"}
 
     @property
     def summary(self) -> dict[str, dict]:
-        return {s.name: {"n": s.n, "exact": s.exact, "near": s.near, "fraction": s.fraction} for s in self.sets}
+        return {s.name: {"n": s.n, "exact": s.exact, "near": s.near, "passage": s.passage, "fraction": s.fraction}
+                for s in self.sets}
 
     @property
     def rows(self) -> list[dict]:
@@ -161,20 +198,20 @@ class Leakage:
 
 def check(train, sets, max_leakage: float, echo=print) -> Leakage:
     """Overlap of every set that is meant to be held out; raises above ``max_leakage`` (1 = never)."""
-    result = Leakage([overlap(train, s.examples, s.name) for s in sets if s.leakage == "check"])
+    result = Leakage(overlaps(train, [(s.name, s.examples) for s in sets if s.leakage == "check"]))
     for s in result.sets:
         if not s.rows:
             continue
         echo(f"leakage: {s.name}: {len(s.rows)}/{s.n} held-out examples occur in the training data "
-             f"({s.exact} exact, {s.near} near-duplicate)")
+             f"({s.describe()})")
         for r in s.rows[:_SHOWN]:
             echo(f"  {s.name}[{r['idx']}] {r['kind']} {r['field']} = train[{r['train_idx']}]"
-                 f" (jaccard {r['jaccard']:.2f}): {r['prompt'][:80]!r}")
+                 f" (score {r['score']:.2f}): {r['prompt'][:80]!r}")
         if len(s.rows) > _SHOWN:
             echo(f"  ... {len(s.rows) - _SHOWN} more")
     worst = max(result.sets, key=lambda s: s.fraction, default=None)
     if worst is not None and worst.fraction > max_leakage:
         raise UserError(f"held-out set {worst.name!r}: {worst.fraction:.1%} of its {worst.n} examples occur in the "
-                        f"training data ({worst.exact} exact, {worst.near} near-duplicate), above data.max_leakage="
+                        f"training data ({worst.describe()}), above data.max_leakage="
                         f"{max_leakage:g}; fix the split, or set data.max_leakage=1 to go on")
     return result

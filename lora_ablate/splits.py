@@ -4,8 +4,10 @@ A split groups the pool's rows by a field (e.g. a T0 template name) mapped to a 
 longest listed prefix it equals or starts with followed by ``_`` (``prefixes``), or a regex whose first
 group (else whole match) is the task (``pattern``). Whole tasks go to ``heldout_tasks``; the other tasks'
 rows, shuffled, give ``heldout_instances`` first and ``train`` from the rest, so the held-out sets do not
-depend on how much of train a run uses. A train row that repeats a held-out instance (see ``leakage``)
-is dropped, so the split is clean by construction and the check before a run finds nothing.
+depend on how much of train a run uses. ``dedupe`` then drops the train rows that repeat a held-out
+example (of either part) by the leakage check's own rules (``leakage.leaking_train``): ``exact``, ``near`` (exact or
+near-duplicate, the default) or ``passage`` (also a passage shared through another template), so that
+the check before a run finds nothing of that kind.
 
 Used as a source: ``data.train=split:t0_by_source:train``, ``eval.sets=[split:t0_by_source:heldout_tasks]``.
 Deterministic for (the split file, ``data.seed``): the run's config names both, so the run records it.
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_ablate.errors import UserError, choices
-from lora_ablate.leakage import matches
+from lora_ablate.leakage import leaking_train
 
 PARTS = ("train", "heldout_instances", "heldout_tasks")
+DEDUPE = {"none": (), "exact": ("exact",), "near": ("exact", "near"), "passage": ("exact", "near", "passage")}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Split:
     heldout_tasks: tuple[str, ...] | int = 4
     sizes: tuple[tuple[str, int], ...] = ()  # (part, rows); train: all rows left unless given
     seed: int = 0
+    dedupe: str = "near"
     description: str = ""
 
     @property
@@ -95,12 +99,15 @@ def load_split(ref: str) -> Split:
     bad = sorted(set(sizes) - set(PARTS))
     if bad:
         raise UserError(f"split file {str(path)!r}: sizes has unknown part(s) {bad}; parts: {choices(PARTS)}")
+    dedupe = str(raw.get("dedupe", "near"))
+    if dedupe not in DEDUPE:
+        raise UserError(f"split file {str(path)!r}: dedupe={dedupe!r}; choose one of: {choices(DEDUPE)}")
     fields = tuple(sorted((str(k), str(v)) for k, v in (raw.get("fields") or {}).items()))
     return Split(name=str(raw.get("name") or path.stem), pool=pool_path.resolve(), field_items=fields,
                  group_by=str(raw["group_by"]), prefixes=tuple(str(p) for p in raw.get("prefixes") or ()),
                  pattern=str(raw.get("pattern") or ""),
                  heldout_tasks=int(held) if isinstance(held, int) else tuple(str(h) for h in held),
-                 sizes=tuple((k, int(v)) for k, v in sizes.items()), seed=int(raw.get("seed", 0)),
+                 sizes=tuple((k, int(v)) for k, v in sizes.items()), seed=int(raw.get("seed", 0)), dedupe=dedupe,
                  description=" ".join(str(raw.get("description", "")).split()))
 
 
@@ -143,13 +150,15 @@ def _partition(split: Split, seed: int, pool: list) -> dict[str, list[dict]]:
     rng.shuffle(tasks)
     n_inst = split.size("heldout_instances") or 200
     instances, rest = trained[:n_inst], trained[n_inst:]
-    leaked = {t for _, t, *_ in matches([examples[i] for i in rest], [examples[i] for i in instances])}
+    tasks = tasks[:split.size("heldout_tasks") or 200]
+    kinds = DEDUPE[split.dedupe]
+    held_out = [examples[i] for i in instances + tasks]
+    leaked = leaking_train([examples[i] for i in rest], held_out, kinds) if kinds else set()
     train = [i for k, i in enumerate(rest) if k not in leaked]
-    n_tasks, n_train = split.size("heldout_tasks") or 200, split.size("train")
-    parts = {"train": train[:n_train] if n_train else train, "heldout_instances": instances,
-             "heldout_tasks": tasks[:n_tasks]}
+    n_train = split.size("train")
+    parts = {"train": train[:n_train] if n_train else train, "heldout_instances": instances, "heldout_tasks": tasks}
     out = {p: [rows[i] for i in idx] for p, idx in parts.items()}
-    out["_info"] = [{"heldout_tasks": held, "dropped_near_duplicates": len(leaked),
+    out["_info"] = [{"heldout_tasks": held, "dedupe": split.dedupe, "dropped_duplicates": len(leaked),
                      **{f"{p}_rows": len(idx) for p, idx in parts.items()}}]
     return out
 

@@ -72,6 +72,13 @@ CASES = [
     ("eval.batch_size", [*TRAIN, "eval.batch_size=0"], ["eval.batch_size=0"]),
     ("eval.max_new_tokens", [*TRAIN, "eval.max_new_tokens=0"], ["eval.max_new_tokens=0"]),
     ("eval.generate", [*TRAIN, "eval.generate=perhaps"], ["perhaps", "true or false"]),
+    ("eval.retention mapping", [*TRAIN, "eval.retention=[{{path: x.jsonl}}]"], ["eval.retention entry", "x.jsonl",
+                                                                                 "retention_user"]),
+    ("eval.retention unknown", [*TRAIN, "eval.retention=[nope]"], ["'nope'", "retention_user"]),
+    ("eval.retention twice", [*TRAIN, "eval.retention=[heldout_instances]"], ["heldout_instances", "twice"]),
+    ("eval set generate", [*TRAIN, "eval.retention=[{tmp}/badgen.yaml]"], ["generate='maybe'", "true or false"]),
+    ("split dedupe", [*TRAIN, "data.train=split:{tmp}/badsplit.yaml:train"], ["dedupe='fuzzy'",
+                                                                             "none, exact, near, passage"]),
     ("study.pruner", [*TRAIN, "study.pruner=asha"], ["asha", "none, median, hyperband"]),
     ("study.direction", [*TRAIN, "study.direction=up"], ["'up'", "minimize, maximize"]),
     ("study.compile", [*TRAIN, "study.compile=maybe"], ["maybe", "auto, true, false"]),
@@ -221,6 +228,9 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "section.yaml").write_text("optimizer: {lr: 1}\n")
     (tmp / "badaxis.yaml").write_text("axes:\n  lora.rr: {grid: [1, 2]}\n")
     (tmp / "wide.yaml").write_text("axes:\n  lora.r: {grid: [100000]}\n")
+    jsonl("pool.jsonl", [{"template": "a_x", "prompt": "p", "completion": "c"}])
+    (tmp / "badsplit.yaml").write_text(f"pool: {tmp}/pool.jsonl\ngroup_by: template\nprefixes: [a]\ndedupe: fuzzy\n")
+    (tmp / "badgen.yaml").write_text("source: builtin:heldout_tasks\ngenerate: maybe\n")
 
 
 def _space(folder: Path) -> Path:

@@ -112,7 +112,7 @@ def test_overlap_exact_and_near():
             ex("Reverse the letters of the given word.", "pebble")]
     got = overlap(train, held, "h")
     assert [(r["idx"], r["kind"], r["train_idx"]) for r in got.rows] == [(0, "exact", 0), (1, "near", 0)]
-    assert got.rows[1]["jaccard"] >= 0.5 and (got.exact, got.near, got.fraction) == (1, 1, 0.5)
+    assert got.rows[1]["score"] >= 0.5 and (got.exact, got.near, got.fraction) == (1, 1, 0.5)
 
 
 def test_builtin_splits_do_not_leak():
@@ -135,7 +135,7 @@ def test_check_refuses_above_max_leakage(tmp_path):
         check_leakage(exp, echo=lambda line: None)
     lines = []
     leak = check_leakage(build_experiment(exp.to_dict(), ["data.max_leakage=1"]), echo=lines.append)
-    assert leak.summary["rows"] == {"n": 8, "exact": 8, "near": 0, "fraction": 1.0}
+    assert leak.summary["rows"] == {"n": 8, "exact": 8, "near": 0, "passage": 0, "fraction": 1.0}
     assert leak.summary["heldout_tasks"]["fraction"] == 0 and leak.metrics["leakage/rows/exact"] == 8.0
     assert lines[0].startswith("leakage: rows: 8/8") and len(leak.rows) == 8
     with pytest.raises(UserError, match="max_leakage"):
@@ -166,8 +166,9 @@ def split_file(tmp_path, pool, **extra):
 
 def pool_rows():
     rows = []
-    for t in ("alpha_a", "beta_b", "beta_x_c", "gamma_g", "delta_d"):
-        rows += [{"template": t, "prompt": f"{t} prompt number {i} with some words in it for {t}",
+    for k, t in enumerate(("alpha_a", "beta_b", "beta_x_c", "gamma_g", "delta_d")):
+        # numbered per template: no two templates share a passage (the passage rule has its own test)
+        rows += [{"template": t, "prompt": f"{t} prompt number {100 * k + i} with some words in it for {t}",
                   "completion": f"{t}-{i}"} for i in range(12)]
     return rows
 
@@ -206,6 +207,78 @@ def test_split_by_pattern(tmp_path):
         load_examples(f"split:{spec}:dev")
 
 
+WORDS = ("amber bishop canyon delta ember falcon garnet harbor island jungle kettle lantern meadow nectar "
+         "orchid pebble quartz raven saddle timber umber velvet willow yonder zephyr").split()
+
+
+def passage_pool():
+    """T0's shape: each passage rendered through three templates of its source (their own words around
+    it), so instances of a trained source share passages with its other rows; gamma is held out."""
+    import random
+
+    rng = random.Random(7)
+    rows = []
+    for source in ("alpha", "beta", "gamma"):
+        for j in range(10):
+            passage = " ".join(rng.choice(WORDS) for _ in range(30))
+            rows += [{"template": f"{source}_ask", "completion": f"{source} {j} topic", "passage": f"{source}{j}",
+                      "prompt": f"Read the following short text carefully, then say what it is mainly about: "
+                                f"{passage}\nWhat is it about?"},
+                     {"template": f"{source}_title", "completion": f"{source} {j} title", "passage": f"{source}{j}",
+                      "prompt": f"Give the passage below a short title.\n\n{passage}\n\nWhich title suits it?"},
+                     {"template": f"{source}_yesno", "completion": "yes" if j % 2 else "no",
+                      "passage": f"{source}{j}",
+                      "prompt": f"{passage}\nFrom the text above, is that statement true? Answer yes or no please."}]
+    return rows
+
+
+def test_passage_dedupe_keeps_held_out_passages_out_of_train(tmp_path):
+    from lora_ablate.context import check_leakage
+    from lora_ablate.splits import _partition, load_split
+
+    pool = jsonl(tmp_path / "pool.jsonl", passage_pool())
+    spec = tmp_path / "p.yaml"
+    base = (f"name: p\npool: {pool}\nfields: {{prompt: prompt, completion: completion}}\ngroup_by: template\n"
+            "pattern: '^([a-z]+)_'\nheldout_tasks: [gamma]\nsizes: {heldout_instances: 8, heldout_tasks: 6}\n")
+
+    def parts(dedupe, seed=0):
+        spec.write_text(base + f"dedupe: {dedupe}\n")
+        read = [(r, load_examples(pool)[i]) for i, r in enumerate(passage_pool())]
+        return _partition(load_split(str(spec)), seed, read)
+
+    def crossing(p):
+        held = {r["passage"] for r in p["heldout_instances"] + p["heldout_tasks"]}
+        return [r for r in p["train"] if r["passage"] in held]
+
+    assert crossing(parts("near"))  # exact and near-duplicate rules alone let shared passages through
+    clean = parts("passage")
+    assert crossing(clean) == [] and clean["_info"][0]["dropped_duplicates"] > 0
+    assert len(clean["heldout_instances"]) == 8 and {r["template"][:5] for r in clean["heldout_tasks"]} == {"gamma"}
+    assert parts("passage") == clean and parts("passage", seed=1) != clean  # deterministic from the seed
+    exp = build_experiment({}, [f"data.train=split:{spec}:train", "data.train_size=0",
+                                f"eval.sets=[split:{spec}:heldout_instances, split:{spec}:heldout_tasks]"])
+    assert all(s["fraction"] == 0 for s in check_leakage(exp, echo=lambda line: None).summary.values())
+    spec.write_text(base + "dedupe: near\n")
+    leak = check_leakage(build_experiment(exp.to_dict(), ["data.max_leakage=1"]), echo=lambda line: None)
+    assert leak.summary["heldout_instances"]["passage"] > 0  # the check sees what near-dedupe leaves
+    spec.write_text(base + "dedupe: fuzzy\n")
+    with pytest.raises(UserError, match=r"dedupe='fuzzy'; choose one of: none, exact, near, passage"):
+        load_split(str(spec))
+
+
+def test_passage_rule_needs_another_template():
+    from lora_ablate.leakage import overlap
+
+    passage = " ".join(WORDS[:30])
+    ask = f"Read the following short text carefully, then say what it is mainly about: {passage} What is it about?"
+    title = f"Give the passage below a short title. {passage} Which title suits it?"
+    got = overlap([Example(title, "", "y", "a_title")], [Example(ask, "", "x", "a_ask")]).rows
+    assert [r["kind"] for r in got] == ["passage"] and 0.5 <= got[0]["score"] <= 1
+    # one template (or no template names at all): its own words would make any two instances look alike
+    assert overlap([Example(title, "", "y", "a_ask")], [Example(ask, "", "x", "a_ask")]).rows == []
+    assert overlap([Example(title, "", "y")], [Example(ask, "", "x")]).rows == []
+
+
 @pytest.mark.skipif(not T0_POOL.is_file(), reason="the shared T0 pool is not here")
 def test_shipped_t0_split_is_clean():
     from lora_ablate.data import _pool_examples
@@ -217,6 +290,22 @@ def test_shipped_t0_split_is_clean():
     assert len(info["heldout_tasks"]) == 4 and info["train_rows"] > 40000
 
 
+@pytest.mark.slow  # two partitions of the 55k pool and their checks: ~20 s on an idle 2-core machine
+@pytest.mark.skipif(not T0_POOL.is_file(), reason="the shared T0 pool is not here")
+def test_shipped_t0_clean_split_shares_no_passage():
+    from lora_ablate.data import _pool_examples
+    from lora_ablate.leakage import overlaps
+    from lora_ablate.splits import load_split, partition
+
+    dirty = partition(load_split("t0_by_source"), 0, _pool_examples)
+    clean = partition(load_split("t0_clean"), 0, _pool_examples)
+    assert clean["_info"][0]["heldout_tasks"] == dirty["_info"][0]["heldout_tasks"]
+    examples = {n: load_examples(f"split:{n}:{p}") for n in ("t0_by_source", "t0_clean") for p in ("train",)}
+    held = lambda n: [(p, load_examples(f"split:{n}:{p}")) for p in ("heldout_instances", "heldout_tasks")]
+    assert [s.fraction for s in overlaps(examples["t0_clean"], held("t0_clean"))] == [0, 0]
+    assert overlaps(examples["t0_by_source"], held("t0_by_source"))[0].passage > 40  # what t0_clean removes
+
+
 def test_train_records_leakage_and_headline(tmp_path):
     from lora_ablate.cli import main
 
@@ -226,6 +315,6 @@ def test_train_records_leakage_and_headline(tmp_path):
                "eval.base=false", "eval.sets=[heldout_tasks, train]", "lora.r=2"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["leakage"]["heldout_tasks"] == {"n": 4, "exact": 0, "near": 0, "fraction": 0.0}
+    assert m["leakage"]["heldout_tasks"] == {"n": 4, "exact": 0, "near": 0, "passage": 0, "fraction": 0.0}
     assert "train" not in m["leakage"]  # leakage: expected, the set is training data on purpose
     assert m["headline"] == {"heldout_tasks": "exact_match", "train": "exact_match"}

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from lora_ablate.export.axes import ResultAxis
 from lora_ablate.export.stats import param_importances, summarize
-from lora_ablate.export.tables import metric_label, stem
+from lora_ablate.export.tables import metric_label, retention_sets, shifts, stem
 from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import format_value
 
@@ -300,6 +300,42 @@ def importances(study: Study, metric: str) -> tuple[dict[str, float], str]:
                              study.direction(metric))
 
 
+def _mean_ci(x) -> tuple[float, list[float]]:
+    """A summary's mean and its error-bar half-widths (none without an interval)."""
+    return x.mean, ([x.mean - x.ci_low, x.ci_high - x.mean] if x.has_interval else [0.0, 0.0])
+
+
+def learned_forgotten_plot(study: Study, out_dir: Path) -> Plot | None:
+    """Per configuration: what it learns (the first held-out set's NLL gain over the base, x) against what
+    it forgets (each retention set's NLL rise over the base, y; one panel per set), 95% t-interval bars."""
+    learned, forgot, rows = shifts(study)
+    if not rows:
+        return None
+    x_set = learned[0]
+    fig, axs = new_figure(len(forgot))
+    names = [a.name for a in study.axes]
+    for ax, s in zip(axs, forgot):
+        for r in rows:
+            (x, xerr), (y, yerr) = _mean_ci(r.gained[x_set]), _mean_ci(r.forgot[s])
+            label = ", ".join(f"{n}={format_value(v)}" for n, v in zip(names, r.key)) or "all trials"
+            ax.errorbar([x], [y], xerr=np.array([xerr]).T, yerr=np.array([yerr]).T, fmt="o", capsize=3,
+                        label=label)
+        ax.axhline(0, color="gray", ls="--", lw=1)
+        ax.axvline(0, color="gray", ls="--", lw=1)
+        ax.set_xlabel(f"{x_set} NLL gain over base (learned; more is better)")
+        ax.set_ylabel(f"{s} NLL rise over base (forgotten)")
+        ax.grid(True, alpha=0.3)
+    if len(rows) <= MAX_LEGEND:
+        axs[-1].legend(fontsize="x-small")
+    title = "Learned vs forgotten"
+    fig.suptitle(title)
+    note = _note(axs[0], small_n([r.n for r in rows], len(rows), "configuration"))
+    return save(fig, out_dir, "learned_forgotten", title,
+                f"One point per configuration: mean over seeds with 95% t-interval bars (none for one seed). "
+                f"Dashed: the base model (no change). Up and to the right learns more but forgets more; the "
+                f"table learned_forgotten has every held-out set.{note}")
+
+
 def render_plots(study: Study, metrics: list[str], out_dir: Path) -> tuple[list[Plot], list[str]]:
     """Every figure the study's axes support; the notes say what was skipped and why."""
     plots, notes = [], []
@@ -318,6 +354,12 @@ def render_plots(study: Study, metrics: list[str], out_dir: Path) -> tuple[list[
         plots.append(curves_plot(study, curves, keys, out_dir))
     else:
         notes.append("Training curves skipped: no complete trial logged train/loss by step.")
+    forgetting = learned_forgotten_plot(study, out_dir)
+    if forgetting is not None:
+        plots.append(forgetting)
+    elif retention_sets(study):
+        notes.append("Learned vs forgotten skipped: the study logged no base-model NLL for its retention and "
+                     "held-out sets (eval.base=false).")
     objective = study.objective if study.objective in study.metrics else metrics[0]
     imp, why = importances(study, objective)
     if imp:

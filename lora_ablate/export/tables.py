@@ -319,12 +319,88 @@ def pivot_tables(study: Study, metrics: list[str]) -> list[Table]:
     return out
 
 
+RETENTION_PARAM = "cfg.eval.retention"  # the trials' recorded eval.retention (comma-joined entries)
+
+
+def retention_sets(study: Study) -> list[str]:
+    """The sets some complete trial scored as retention sets (``eval.retention``), by the names their
+    metrics are logged under."""
+    from lora_ablate.suite import set_name
+
+    frame = study.complete
+    if RETENTION_PARAM not in frame:
+        return []
+    names = {set_name(e.strip()) for v in frame[RETENTION_PARAM].dropna() for e in str(v).split(",") if e.strip()}
+    return [n for n in dict.fromkeys(m.split("/")[0] for m in study.metrics) if n in names]
+
+
+@dataclass
+class Shift:
+    """Per configuration: the seeds' NLL change from the base model on each set, signed so that more is the
+    word's direction (held-out: gain = base - adapter; retention: forgetting = adapter - base)."""
+
+    key: tuple
+    n: int
+    gained: dict[str, Summary]
+    forgot: dict[str, Summary]
+
+
+def shifts(study: Study) -> tuple[list[str], list[str], list[Shift]]:
+    """(held-out sets, retention sets, one :class:`Shift` per configuration) for the sets whose base NLL
+    the study logged; empty when it has no retention set or no base evaluation."""
+    kept = retention_sets(study)
+    forgot = [s for s in kept if f"{s}/nll" in study.base]
+    first = study.objective.split("/")[0]
+    learned = sorted((m.split("/")[0] for m in study.metrics if m.endswith("/nll") and m.split("/")[0] not in kept
+                      and m in study.base), key=lambda s: (s != first, s))
+    if not forgot or not learned:
+        return learned, forgot, []
+    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    out = []
+    for key, row in _sorted(summarize_groups(study.complete, [a.column for a in axes], []), axes):
+        g = row["frame"]
+        out.append(Shift(key, row["n"],
+                         {s: summarize(study.base[f"{s}/nll"] - g[f"final/{s}/nll"]) for s in learned},
+                         {s: summarize(g[f"final/{s}/nll"] - study.base[f"{s}/nll"]) for s in forgot}))
+    return learned, forgot, out
+
+
+def learned_forgotten_table(study: Study) -> Table | None:
+    """What each configuration learns (held-out NLL gain over the base) next to what it forgets (retention
+    NLL rise over the base), with 95% t-intervals over seeds."""
+    learned, forgot, rows = shifts(study)
+    if not rows:
+        return None
+    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    header = ([a.label for a in axes] + ["n"] + [f"{s} NLL gain over base" for s in learned]
+              + [f"{s} NLL rise over base (forgetting)" for s in forgot])
+    cells, data = [], []
+    for r in rows:
+        cells.append([format_value(v) for v in r.key] + [str(r.n)]
+                     + [fmt_summary(r.gained[s]) for s in learned] + [fmt_summary(r.forgot[s]) for s in forgot])
+        rec = {**{a.column: v for a, v in zip(axes, r.key)}, "n": r.n}
+        for word, sets, got in (("gain", learned, r.gained), ("forgetting", forgot, r.forgot)):
+            for s in sets:
+                x = got[s]
+                rec.update({f"{s}/nll {word} mean": x.mean, f"{s}/nll {word} ci_low": x.ci_low,
+                            f"{s}/nll {word} ci_high": x.ci_high})
+        data.append(rec)
+    base = ", ".join(f"{s} {fmt_num(study.base[f'{s}/nll'])}" for s in learned + forgot)
+    caption = ("What each configuration learns and what it forgets, side by side: the held-out sets' NLL gain "
+               "over the base model (base - adapter; more is better) and the retention sets' NLL rise over it "
+               "(adapter - base; more is more forgetting, below 0 the adapter fits that text better than the "
+               "base). Cells: mean ± sample std [95% t-interval of the mean] over seeds; one seed shows its "
+               f"value only. Base model NLL: {base}.")
+    return Table("learned_forgotten", f"{study.name}: learned vs forgotten", caption, header, cells,
+                 pd.DataFrame(data), exclusions(study), set(), ["l"] * len(axes) + ["r"] * (1 + len(learned + forgot)))
+
+
 def build_tables(study: Study, metrics: list[str]) -> list[Table]:
     tables = axis_tables(study, metrics)
     if len(study.axes) != 1:  # with one axis the configuration table would repeat the axis table
         tables.append(config_table(study, metrics))
-    resources = resource_table(study)
-    return tables + pivot_tables(study, metrics) + ([resources] if resources is not None else [])
+    extra = [t for t in (learned_forgotten_table(study), resource_table(study)) if t is not None]
+    return tables + pivot_tables(study, metrics) + extra
 
 
 def stem(text: str) -> str:

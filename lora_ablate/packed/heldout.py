@@ -90,7 +90,7 @@ def packed_reports(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[
     nlls = packed_nll(pack, evaluator, slots)
     reports = [EvalReport() for _ in slots]
     for s in evaluator.sets:
-        preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.cfg.generate else None
+        preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.generates(s) else None
         for k, report in enumerate(reports):
             report.add(s, nlls[k][s.name], preds[k] if preds is not None else None)
     return reports
