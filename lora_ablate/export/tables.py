@@ -206,6 +206,11 @@ def group_table(study: Study, frame: pd.DataFrame, axes: list[ResultAxis], metri
                  pd.DataFrame(data), exclusions(study), bold, ["l"] * len(axes) + ["r"] * (2 + len(metrics)))
 
 
+def raw_axes(study: Study) -> list[ResultAxis]:
+    """The study's axes with sampled ones unbinned: a configuration is the values that were trained."""
+    return [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+
+
 RESOURCES = (("tokens_per_s", "train tokens/s", "{:,.0f}"), ("train_s", "train s", "{:,.1f}"),
              ("wall_s", "wall s", "{:,.1f}"), ("peak_mem_mb", "peak memory MB", "{:,.0f}"))
 
@@ -217,7 +222,7 @@ def resource_table(study: Study) -> Table | None:
     have = [r for r in RESOURCES if r[0] in frame and frame[r[0]].notna().any()]
     if not have:
         return None
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     groups = _sorted(summarize_groups(frame, [a.column for a in axes], []), axes)
     cells, data = [], []
     for key, row in groups:
@@ -249,8 +254,7 @@ def axis_tables(study: Study, metrics: list[str]) -> list[Table]:
 
 
 def config_table(study: Study, metrics: list[str]) -> Table:
-    # raw values, not bins: a configuration is what was trained
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     caption = ("Every configuration (all axes fixed) over its seeds." if axes
                else "The study has a single configuration; the row is over its seeds.")
     return group_table(study, study.complete, axes, metrics, "configurations",
@@ -330,7 +334,7 @@ def power_rows(study: Study, metrics: list[str]) -> list[dict]:
     from lora_ablate.export.stats import paired_bootstrap, power
 
     scores = study.example_scores
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     if scores is None or not axes:
         return []
     out = []
@@ -436,7 +440,7 @@ def shifts(study: Study) -> tuple[list[str], list[str], list[Shift]]:
                       and m in study.base), key=lambda s: (s != first, s))
     if not forgot or not learned:
         return learned, forgot, []
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     out = []
     for key, row in _sorted(summarize_groups(study.complete, [a.column for a in axes], []), axes):
         g = row["frame"]
@@ -452,7 +456,7 @@ def learned_forgotten_table(study: Study) -> Table | None:
     learned, forgot, rows = shifts(study)
     if not rows:
         return None
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     header = ([a.label for a in axes] + ["n"] + [f"{s} NLL gain over base" for s in learned]
               + [f"{s} NLL rise over base (forgetting)" for s in forgot])
     cells, data = [], []
