@@ -213,7 +213,8 @@ WORDS = ("amber bishop canyon delta ember falcon garnet harbor island jungle ket
 
 def passage_pool():
     """T0's shape: each passage rendered through three templates of its source (their own words around
-    it), so instances of a trained source share passages with its other rows; gamma is held out."""
+    it), and once more through the first with another question (a near-duplicate), so instances of a
+    trained source share passages with its other rows; gamma is held out."""
     import random
 
     rng = random.Random(7)
@@ -228,7 +229,11 @@ def passage_pool():
                       "prompt": f"Give the passage below a short title.\n\n{passage}\n\nWhich title suits it?"},
                      {"template": f"{source}_yesno", "completion": "yes" if j % 2 else "no",
                       "passage": f"{source}{j}",
-                      "prompt": f"{passage}\nFrom the text above, is that statement true? Answer yes or no please."}]
+                      "prompt": f"{passage}\nFrom the text above, is that statement true? Answer yes or no please."},
+                     # a near-duplicate: the ask template again, one word of its question changed
+                     {"template": f"{source}_ask", "completion": f"{source} {j} gist", "passage": f"{source}{j}",
+                      "prompt": f"Read the following short text carefully, then say what it is mainly about: "
+                                f"{passage}\nWhat is it on?"}]
     return rows
 
 
@@ -250,7 +255,13 @@ def test_passage_dedupe_keeps_held_out_passages_out_of_train(tmp_path):
         held = {r["passage"] for r in p["heldout_instances"] + p["heldout_tasks"]}
         return [r for r in p["train"] if r["passage"] in held]
 
-    assert crossing(parts("near"))  # exact and near-duplicate rules alone let shared passages through
+    def twins(p):  # train rows of a held-out row's passage and template: near-duplicates of it
+        held = {(r["passage"], r["template"]) for r in p["heldout_instances"] + p["heldout_tasks"]}
+        return [r for r in p["train"] if (r["passage"], r["template"]) in held]
+
+    assert twins(parts("none")) and crossing(parts("none"))  # the pool has both kinds of leak
+    near = parts("near")
+    assert twins(near) == [] and crossing(near)  # near-duplicates go; passages through other templates stay
     clean = parts("passage")
     assert crossing(clean) == [] and clean["_info"][0]["dropped_duplicates"] > 0
     assert len(clean["heldout_instances"]) == 8 and {r["template"][:5] for r in clean["heldout_tasks"]} == {"gamma"}

@@ -120,3 +120,67 @@ def test_importances_say_why_they_are_skipped():
     assert imp == {} and "at least 3 complete trials" in note
     imp, note = param_importances({"r": [4, 8, 16], "seed": [0, 0, 0]}, [1.0, 2.0, 3.0])
     assert imp == {} and "at least 2 varying parameters" in note and "r" in note
+
+
+# ----------------------------------------------------------------------------- power and Holm
+
+
+def crossed(rng, n_seeds, n_examples, mu, seed_sd, example_sd, resid_sd):
+    """Paired differences from the crossed model the power analysis assumes."""
+    return (mu + seed_sd * rng.standard_normal((n_seeds, 1)) + example_sd * rng.standard_normal((1, n_examples))
+            + resid_sd * rng.standard_normal((n_seeds, n_examples)))
+
+
+def test_variance_components_recover_the_generating_ones():
+    from lora_ablate.export.stats import components
+
+    d = crossed(np.random.default_rng(0), 60, 800, 0.1, 0.3, 0.5, 0.2)
+    c = components(d)
+    assert c.seed == pytest.approx(0.09, rel=0.4) and c.example == pytest.approx(0.25, rel=0.15)
+    assert c.residual == pytest.approx(0.04, rel=0.05)
+    # at the observed size: the crossed design's standard error from the three mean squares
+    n_s, n_e = d.shape
+    rows, cols, g = d.mean(1), d.mean(0), d.mean()
+    ms_r, ms_c = n_e * ((rows - g) ** 2).sum() / (n_s - 1), n_s * ((cols - g) ** 2).sum() / (n_e - 1)
+    ms_e = ((d - rows[:, None] - cols[None, :] + g) ** 2).sum() / ((n_s - 1) * (n_e - 1))
+    assert c.variance() == pytest.approx((ms_r + ms_c - ms_e) / (n_s * n_e))
+    one = components(d[:1])  # one seed: the ordinary paired standard error over examples
+    assert one.variance() == pytest.approx(d[0].var(ddof=1) / n_e) and one.seed == 0
+
+
+def test_the_sizes_power_asks_for_detect_the_effect_80_percent_of_the_time():
+    """Known variance components: the seeds (examples fixed) and the examples (seeds fixed) the formula
+    gives are the least with >= 80% power in closed form, and a simulated z-test at that size rejects
+    about 80% of the time."""
+    from lora_ablate.export.stats import Components, detectable
+
+    true = Components(seed=0.002, example=0.25, residual=0.5, n_seeds=3, n_examples=200)
+    effect, z_a = 0.12, stats.norm.ppf(0.975)
+    p = detectable(true, effect)
+    assert p.mde == pytest.approx((z_a + stats.norm.ppf(0.8)) * math.sqrt(true.variance()))
+
+    def exact(s, e):  # the two-sided z-test's power at s seeds x e examples
+        se = math.sqrt(true.variance(s, e))
+        return stats.norm.cdf(effect / se - z_a) + stats.norm.cdf(-effect / se - z_a)
+
+    assert exact(p.seeds_needed, 200) >= 0.8 > exact(p.seeds_needed - 1, 200)
+    assert exact(3, p.examples_needed) >= 0.8 > exact(3, p.examples_needed - 1)
+    rng = np.random.default_rng(1)
+    for s, e in ((p.seeds_needed, 200), (3, p.examples_needed)):
+        se = math.sqrt(true.variance(s, e))
+        draws = (crossed(rng, s, e, effect, math.sqrt(0.002), 0.5, math.sqrt(0.5)).mean() for _ in range(1000))
+        hits = [abs(x) / se > z_a for x in draws]
+        assert abs(np.mean(hits) - exact(s, e)) < 0.04, (s, e, np.mean(hits), exact(s, e))
+    # by hand, z = 2.8016: seeds (0.002 + 0.5/200) / ((0.12/z)^2 - 0.25/200) = 7.70, examples
+    # (0.25 + 0.5/3) / ((0.12/z)^2 - 0.002/3) = 356.7
+    assert (p.seeds_needed, p.examples_needed) == (8, 357)
+    # seed-level noise alone at 3 seeds exceeds what a tiny effect allows: no number of examples helps
+    assert detectable(true, 0.05).examples_needed is None and detectable(true, 0.0).seeds_needed is None
+
+
+def test_holm_matches_a_hand_computed_example():
+    from lora_ablate.export.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005, 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([0.02]) == [0.02] and holm([]) == []

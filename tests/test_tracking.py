@@ -224,8 +224,8 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     _, parents, _ = runs_of(client, report.name)
     assert parents[0].data.tags["lora_ablate.axes"] == "r"
     summary, _ = _exported(report.name, exp.study.workspace, tmp_path / "rank")
-    # resources (throughput, time) have their own table since wall time left the results
-    assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r", "resources"]
+    # resources (throughput, time) have their own table since wall time left the results; power: best vs runner-up
+    assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r", "power", "resources"]
 
     ws = tmp_path / "budget"
     budget_exp = experiment(BUDGET3, ws, eval={"generate": False, "base": False})
@@ -236,7 +236,7 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     assert sorted((t.data.params["targets"], t.data.params["r"]) for t in trials) == [
         ("o", "4"), ("q", "4"), ("q,o", "2")]
     summary, md = _exported(budget.name, ws, tmp_path / "budget-export")
-    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets", "resources"]
+    assert summary["axes"] == ["targets"] and summary["tables"] == ["axis_targets", "power", "resources"]
     assert f"{budget.name}: by targets" in md and "by rank r" not in md
     assert not any(p.startswith("rank_") for p in summary["plots"])
 

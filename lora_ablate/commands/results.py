@@ -55,7 +55,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
     """Write tables (``--format``), figures (always, PNG and SVG) and ``summary.json`` into ``out``,
     atomically: ``out`` appears only when everything was written."""
     from lora_ablate.export.plots import render_plots
-    from lora_ablate.export.tables import build_tables
+    from lora_ablate.export.tables import build_tables, power_notes
     from lora_ablate.export.tracked import open_study
     from lora_ablate.rundir import RunDir
 
@@ -74,6 +74,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
     with run:
         tables = build_tables(study, chosen)
         plots, notes = render_plots(study, chosen, run.path / "plots")
+        notes += power_notes(tables)
         write_formats(run.path, fmts, study, tables, plots, notes)
         run.json("summary.json", {
             "study": study.name, "tracking_uri": study.display_uri, "objective": study.objective,
@@ -136,6 +137,12 @@ class Comparison:
     seed: int
     token_weighted: bool  # nll: examples weighted by their tokens, as the logged set NLL
     sentence: str
+    # what this size could detect (stats.power, 80% power, two-sided 0.05): the least true difference,
+    # and the seeds (examples as now) or examples (seeds as now) the observed difference needs
+    detectable: float = float("nan")
+    seeds_needed: int | None = None
+    examples_needed: int | None = None
+    p_holm: float | None = None  # Holm-adjusted over the comparisons of one compare command
 
 
 def _labels(cfg_a: dict, cfg_b: dict) -> tuple[str, str]:
@@ -173,17 +180,48 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
             confidence: float = 0.95) -> Comparison:
     """Difference ``b - a`` of a held-out metric with a paired bootstrap CI and p-value, over the
     per-example scores of both configurations' seeds; printed as one plain sentence."""
-    from lora_ablate.export.paired import pair_scores
-    from lora_ablate.export.stats import paired_bootstrap, weighted_mean
-    from lora_ablate.export.tables import METRIC_WORDS
+    return compare_many(study_name, a, [b], metric, workspace, tracking_uri, n_boot, seed, confidence)[0]
+
+
+def compare_many(study_name: str, a: str, bs: list[str] | None, metric: str | None = None,
+                 workspace: Path | None = None, tracking_uri: str | None = None, n_boot: int = 10_000,
+                 seed: int = 0, confidence: float = 0.95) -> list[Comparison]:
+    """:func:`compare` of ``a`` with each of ``bs`` (None: every other configuration of the study), with
+    Holm-adjusted p-values when there is more than one: among many pairs some p < 0.05 by chance alone."""
+    from lora_ablate.export.stats import holm
     from lora_ablate.export.tracked import open_study
 
     if n_boot < 100:
         raise UserError(f"--n-boot {n_boot} is too few for a 95% interval; use at least 100 (default 10000)")
     study = open_study(study_name, workspace, tracking_uri)
     m = study.resolve_metric(metric)
-    set_name, name = m.split("/", 1)
     rows_a, cfg_a = _configuration(study, a, "--a")
+    if bs is None:
+        bs = _others(study, rows_a)
+    out = [_compare_pair(study, m, rows_a, cfg_a, a, b, n_boot, seed, confidence) for b in bs]
+    if len(out) > 1:
+        for c, adjusted in zip(out, holm([c.p_value for c in out])):
+            c.p_holm = adjusted
+    return out
+
+
+def _others(study, rows_a) -> list[str]:
+    """A selection for every configuration but ``rows_a``'s, by all its axes' values."""
+    names = [a.name for a in study.axes]
+    rest = study.complete[~study.complete["run_id"].isin(rows_a["run_id"])]
+    configs = rest[names].drop_duplicates() if names else rest.head(0)[[]]
+    if configs.empty:
+        raise UserError(f"study {study.name!r} has no other configuration to compare with --a")
+    return [",".join(f"{k}={format_value(v)}" for k, v in row.items()) for _, row in configs.iterrows()]
+
+
+def _compare_pair(study, m: str, rows_a, cfg_a: dict, a: str, b: str, n_boot: int, seed: int,
+                  confidence: float) -> Comparison:
+    from lora_ablate.export.paired import differences, pair_scores
+    from lora_ablate.export.stats import paired_bootstrap, power, weighted_mean
+    from lora_ablate.export.tables import ALPHA, METRIC_WORDS, POWER
+
+    set_name, name = m.split("/", 1)
     rows_b, cfg_b = _configuration(study, b, "--b")
     if set(rows_a["run_id"]) == set(rows_b["run_id"]):
         raise UserError(f"--a {a!r} and --b {b!r} select the same configuration; nothing to compare")
@@ -210,9 +248,13 @@ def compare(study_name: str, a: str, b: str, metric: str | None = None, workspac
     sentence = (f"{head} on {set_name} ({round(100 * confidence)}% CI {lo:.3f} to {hi:.3f}, "
                 f"{format_p(res.p_value, n_boot)}, {size}).")
     # the means are the tables' cells (seed means of the set metric) when every seed and example pairs
-    return Comparison(m, label_a, label_b, weighted_mean(p.a, p.weights), weighted_mean(p.b, p.weights),
-                      res.delta, res.ci_low, res.ci_high, res.p_value, res.n_seeds, res.n_examples, p.pairing,
-                      n_boot, seed, p.weights is not None, sentence)
+    c = Comparison(m, label_a, label_b, weighted_mean(p.a, p.weights), weighted_mean(p.b, p.weights),
+                   res.delta, res.ci_low, res.ci_high, res.p_value, res.n_seeds, res.n_examples, p.pairing,
+                   n_boot, seed, p.weights is not None, sentence)
+    if res.n_examples > 1:  # variance components need two examples
+        pw = power(differences(p), power=POWER, alpha=ALPHA)
+        c.detectable, c.seeds_needed, c.examples_needed = pw.mde, pw.seeds_needed, pw.examples_needed
+    return c
 
 
 def cmd_export(args) -> int:
@@ -221,11 +263,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    c = compare(args.study, args.a, args.b, args.metric, args.workspace, args.tracking_uri, args.n_boot, args.seed)
-    print(c.sentence)
+    if bool(args.b) == args.all:
+        raise UserError("compare needs --b CONFIG (one or more) or --all (every other configuration), not "
+                        + ("both" if args.all else "neither"))
+    comparisons = compare_many(args.study, args.a, None if args.all else args.b, args.metric, args.workspace,
+                               args.tracking_uri, args.n_boot, args.seed)
     if args.json:
-        print(json.dumps(asdict(c), indent=2))
-    else:
+        for c in comparisons:
+            print(c.sentence)
+        print(json.dumps([asdict(c) for c in comparisons] if len(comparisons) > 1 else asdict(comparisons[0]),
+                         indent=2))
+        return 0
+    for c in comparisons:
+        print(c.sentence)
         print(f"  {c.metric}: mean {c.mean_a:.4f} ({c.label_a}) vs {c.mean_b:.4f} ({c.label_b}); "
               f"difference b - a = {c.delta:+.4f}, CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]")
         weighting = ("; examples weighted by their tokens, as in the logged set NLL" if c.token_weighted
@@ -233,7 +283,27 @@ def cmd_compare(args) -> int:
                      if c.metric.endswith("/nll") else "")
         print(f"  {c.pairing}; {c.n_examples} examples; paired bootstrap over seeds and examples, "
               f"{c.n_boot} replicates, rng seed {c.seed}{weighting}")
+        print(f"  {power_sentence(c)}")
+    if len(comparisons) > 1:
+        print(f"Holm correction over {len(comparisons)} comparisons (family-wise error held at 0.05):")
+        for c in comparisons:
+            verdict = "differs" if c.p_holm <= 0.05 else "not told apart"
+            print(f"  {c.label_b}: p = {c.p_value:.4f} raw, {c.p_holm:.4f} Holm-adjusted ({verdict})")
     return 0
+
+
+def power_sentence(c: Comparison) -> str:
+    """What this comparison's size could detect, and what its observed difference would need."""
+    import math
+
+    if math.isnan(c.detectable):
+        return "power: not estimated (one example)"
+    noise = "within noise (the interval holds 0)" if c.ci_low <= 0 <= c.ci_high else "outside noise"
+    need = lambda n, what: f"{n} {what}" if n is not None else f"no number of {what}"  # noqa: E731
+    return (f"power: {noise}; at {c.n_seeds} seeds x {c.n_examples} examples a difference of "
+            f"{c.detectable:.4f} is found 80% of the time (two-sided 0.05); detecting {abs(c.delta):.4f} needs "
+            f"{need(c.seeds_needed, 'seeds')} at {c.n_examples} examples, or {need(c.examples_needed, 'examples')} "
+            f"at {c.n_seeds} seeds")
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -255,7 +325,9 @@ def register(subparsers) -> None:
     c = subparsers.add_parser("compare", help="difference of two configurations with a paired bootstrap CI")
     _store_args(c)
     c.add_argument("--a", required=True, help='baseline, as param filters: "r=8,targets=qv"')
-    c.add_argument("--b", required=True, help='contender, as param filters: "r=64,targets=qv"')
+    c.add_argument("--b", action="append", help='contender, as param filters: "r=64,targets=qv"; repeat it to '
+                   "compare --a with several (Holm-adjusted p-values are printed too)")
+    c.add_argument("--all", action="store_true", help="compare --a with every other configuration (Holm-adjusted)")
     c.add_argument("--metric", help="<set>/<metric> (default: the study's objective)")
     c.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates (default 10000)")
     c.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random stream (default 0)")

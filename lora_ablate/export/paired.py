@@ -52,6 +52,14 @@ def pair_scores(scores_a: pd.DataFrame, scores_b: pd.DataFrame, set_name: str, m
                   _token_weights(scores_a, scores_b, set_name, cols) if metric == "nll" else None, common, pairing)
 
 
+def differences(p: Paired) -> np.ndarray:
+    """``b - a`` per seed and example, each example scaled by its weight over the mean weight, so that the
+    plain mean of the matrix is the weighted mean difference the bootstrap reports (for the power analysis,
+    whose variance components then describe the set metric as logged)."""
+    d = p.b - p.a
+    return d if p.weights is None else d * (p.weights / p.weights.mean())
+
+
 def _token_weights(scores_a: pd.DataFrame, scores_b: pd.DataFrame, set_name: str, cols) -> np.ndarray | None:
     """Each example's scored token count (the same tokenizer on both sides, so one count per example);
     None for scores written without counts, which then weigh equally."""

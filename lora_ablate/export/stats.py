@@ -1,10 +1,13 @@
 """Statistics for published results: pure functions on arrays, no MLflow, no plotting.
 
-Two questions are answered here:
+Four questions are answered here:
 
 * how precisely a configuration's score is known from its seeds: :func:`summarize` (mean, sample
   standard deviation, Student-t 95% confidence interval of the mean);
-* whether two configurations differ: :func:`paired_bootstrap` over per-example scores and seeds.
+* whether two configurations differ: :func:`paired_bootstrap` over per-example scores and seeds;
+* how large a difference the data could have seen, and how many seeds or examples a given difference
+  would need: :func:`power` from the seed and example variance components of the paired differences;
+* which of many comparisons survive their number: :func:`holm` (Holm-Bonferroni adjusted p-values).
 """
 
 from __future__ import annotations
@@ -137,6 +140,115 @@ def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, confidence: floa
     lo, hi = np.percentile(deltas, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
     p = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
     return Bootstrap(weighted_mean(d, w), float(lo), float(hi), p, n_seeds, n_examples, n_boot, seed, confidence)
+
+
+@dataclass(frozen=True)
+class Components:
+    """Variance components of paired differences ``d[s, i]`` (seeds x examples) under the crossed model
+    ``d = mu + seed_s + example_i + residual_si``: ``seed`` (between seeds), ``example`` (between examples)
+    and ``residual`` (seed x example interaction and noise). With one seed, ``seed`` cannot be told apart
+    and is 0, and ``residual`` is folded into ``example`` (see :func:`components`)."""
+
+    seed: float
+    example: float
+    residual: float
+    n_seeds: int
+    n_examples: int
+
+    def variance(self, n_seeds: int | None = None, n_examples: int | None = None) -> float:
+        """Variance of the mean difference over ``n_seeds`` x ``n_examples`` (default: the observed)."""
+        s, e = n_seeds or self.n_seeds, n_examples or self.n_examples
+        return self.seed / s + self.example / e + self.residual / (s * e)
+
+
+def components(d) -> Components:
+    """The two-way ANOVA (one value a cell) estimates of :class:`Components` from the matrix of differences:
+    ``residual = MS_res``, ``seed = (MS_seeds - MS_res) / E`` and ``example = (MS_examples - MS_res) / S``,
+    each floored at 0 (a negative estimate means "too small to see"). Then ``variance()`` at the observed
+    size equals ``MS_seeds / (S E) + MS_examples / (S E) - MS_res / (S E)`` when nothing was floored, the
+    usual standard error of a crossed design's grand mean."""
+    d = np.atleast_2d(np.asarray(d, dtype=float))
+    n_s, n_e = d.shape
+    if n_e < 2:
+        raise ValueError("variance components need at least two examples")
+    grand = d.mean()
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    ms_cols = n_s * float(((cols - grand) ** 2).sum()) / (n_e - 1)
+    if n_s < 2:
+        return Components(0.0, ms_cols, 0.0, 1, n_e)
+    ms_rows = n_e * float(((rows - grand) ** 2).sum()) / (n_s - 1)
+    resid = d - rows[:, None] - cols[None, :] + grand
+    ms_res = float((resid ** 2).sum()) / ((n_s - 1) * (n_e - 1))
+    return Components(max(0.0, (ms_rows - ms_res) / n_e), max(0.0, (ms_cols - ms_res) / n_s), ms_res, n_s, n_e)
+
+
+@dataclass(frozen=True)
+class Power:
+    """What a paired comparison could detect (see :func:`power`). ``seeds_needed`` and ``examples_needed``
+    are the least seeds (examples kept) and examples (seeds kept) whose standard error makes ``effect``
+    detectable; None when the other source of noise alone is too large for any number of them, or there is
+    no effect to detect."""
+
+    effect: float
+    se: float
+    mde: float
+    seeds_needed: int | None
+    examples_needed: int | None
+    power: float
+    alpha: float
+    parts: Components
+
+
+def _z(power: float, alpha: float) -> float:
+    return float(_sps.norm.ppf(1 - alpha / 2) + _sps.norm.ppf(power))
+
+
+def _needed(fixed: float, per_unit: float, target_var: float) -> int | None:
+    """Least n with ``fixed + per_unit / n <= target_var``."""
+    room = target_var - fixed
+    if room <= 0 or not math.isfinite(room):
+        return None
+    return max(1, math.ceil(per_unit / room - 1e-12))
+
+
+def power(d, effect: float | None = None, power: float = 0.8, alpha: float = 0.05) -> Power:
+    """Minimal detectable effect and the sizes a difference needs, for the paired differences ``d``.
+
+    A two-sided level-``alpha`` z-test of the mean difference ``D`` with standard error ``SE`` detects a
+    true difference ``delta`` with probability ``power`` when ``|delta| >= (z_{1-alpha/2} + z_power) SE``
+    (2.80 SE at 80% power and alpha 0.05): that is ``mde`` at the observed size. ``SE^2 =
+    seed/S + example/E + residual/(S E)`` (:func:`components`), so for ``effect`` (default: the observed
+    mean difference) the seeds needed at ``E`` examples solve ``seed/S + (example + residual/S)/E <=
+    (effect/z)^2`` for ``S``, and likewise the examples at ``S`` seeds. A normal approximation: with few
+    seeds a t-test needs somewhat more.
+    """
+    d = np.atleast_2d(np.asarray(d, dtype=float))
+    return detectable(components(d), float(d.mean()) if effect is None else float(effect), power, alpha)
+
+
+def detectable(parts: Components, effect: float, power: float = 0.8, alpha: float = 0.05) -> Power:
+    """:func:`power` from known (or estimated) variance components."""
+    z = _z(power, alpha)
+    se = math.sqrt(parts.variance())
+    target = (effect / z) ** 2
+    s, e = parts.n_seeds, parts.n_examples
+    seeds = _needed(parts.example / e, parts.seed + parts.residual / e, target) if effect else None
+    examples = _needed(parts.seed / s, parts.example + parts.residual / s, target) if effect else None
+    return Power(effect, se, z * se, seeds, examples, power, alpha, parts)
+
+
+def holm(p_values) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input's order: sorted ascending, the k-th smallest (from
+    0) becomes ``max over j <= k of min(1, (m - j) p_(j))``. Rejecting where the adjusted p <= alpha holds
+    the family-wise error rate at alpha for any dependence between the tests."""
+    p = [float(x) for x in p_values]
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out
 
 
 def weighted_mean(m, weights=None) -> float:

@@ -206,6 +206,11 @@ def group_table(study: Study, frame: pd.DataFrame, axes: list[ResultAxis], metri
                  pd.DataFrame(data), exclusions(study), bold, ["l"] * len(axes) + ["r"] * (2 + len(metrics)))
 
 
+def raw_axes(study: Study) -> list[ResultAxis]:
+    """The study's axes with sampled ones unbinned: a configuration is the values that were trained."""
+    return [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+
+
 RESOURCES = (("tokens_per_s", "train tokens/s", "{:,.0f}"), ("train_s", "train s", "{:,.1f}"),
              ("wall_s", "wall s", "{:,.1f}"), ("peak_mem_mb", "peak memory MB", "{:,.0f}"))
 
@@ -217,7 +222,7 @@ def resource_table(study: Study) -> Table | None:
     have = [r for r in RESOURCES if r[0] in frame and frame[r[0]].notna().any()]
     if not have:
         return None
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     groups = _sorted(summarize_groups(frame, [a.column for a in axes], []), axes)
     cells, data = [], []
     for key, row in groups:
@@ -249,8 +254,7 @@ def axis_tables(study: Study, metrics: list[str]) -> list[Table]:
 
 
 def config_table(study: Study, metrics: list[str]) -> Table:
-    # raw values, not bins: a configuration is what was trained
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     caption = ("Every configuration (all axes fixed) over its seeds." if axes
                else "The study has a single configuration; the row is over its seeds.")
     return group_table(study, study.complete, axes, metrics, "configurations",
@@ -319,6 +323,87 @@ def pivot_tables(study: Study, metrics: list[str]) -> list[Table]:
     return out
 
 
+POWER, ALPHA = 0.8, 0.05  # the power analysis: an effect detected 80% of the time by a two-sided 5% test
+
+
+def power_rows(study: Study, metrics: list[str]) -> list[dict]:
+    """Per metric with per-example scores: the best configuration against the runner-up by mean, their
+    paired bootstrap (is the difference within noise?) and what the study could detect (``stats.power``)."""
+    from lora_ablate.errors import UserError
+    from lora_ablate.export.paired import PER_EXAMPLE, differences, pair_scores
+    from lora_ablate.export.stats import paired_bootstrap, power
+
+    scores = study.example_scores
+    axes = raw_axes(study)
+    if scores is None or not axes:
+        return []
+    out = []
+    for m in metrics:
+        set_name, name = m.split("/", 1)
+        groups = [(k, r) for k, r in summarize_groups(study.complete, [a.column for a in axes], [m])
+                  if not math.isnan(r[m].mean)]
+        if name not in PER_EXAMPLE or len(groups) < 2:
+            continue
+        groups.sort(key=lambda kr: kr[1][m].mean, reverse=study.direction(m) == "maximize")
+        (k_best, best), (k_next, runner) = groups[:2]
+        try:
+            p = pair_scores(scores[scores["run_id"].isin(best["frame"]["run_id"])],
+                            scores[scores["run_id"].isin(runner["frame"]["run_id"])], set_name, name)
+        except UserError:
+            continue
+        boot = paired_bootstrap(p.a, p.b, n_boot=NEAR_BOOT, weights=p.weights)
+        pw = power(differences(p), power=POWER, alpha=ALPHA)
+        label = lambda key: ", ".join(f"{a.name}={format_value(v)}" for a, v in zip(axes, key))  # noqa: E731
+        out.append({"metric": m, "best": label(k_best), "runner_up": label(k_next), "delta": boot.delta,
+                    "ci_low": boot.ci_low, "ci_high": boot.ci_high, "p": boot.p_value,
+                    "within_noise": boot.ci_low <= 0 <= boot.ci_high, "mde": pw.mde, "se": pw.se,
+                    "seeds": boot.n_seeds, "examples": boot.n_examples, "seeds_needed": pw.seeds_needed,
+                    "examples_needed": pw.examples_needed, "seed_var": pw.parts.seed,
+                    "example_var": pw.parts.example, "residual_var": pw.parts.residual, "pairing": p.pairing})
+    return out
+
+
+def power_table(study: Study, metrics: list[str]) -> Table | None:
+    rows = power_rows(study, metrics)
+    if not rows:
+        return None
+    need = lambda n: "unreachable" if n is None else str(n)  # noqa: E731
+    cells = [[metric_label(r["metric"]), r["best"], r["runner_up"], f"{r['delta']:+.4f}",
+              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['p']:.3f}", "yes" if r["within_noise"] else "no",
+              f"{r['mde']:.4f}", f"{r['seeds']} x {r['examples']}", need(r["seeds_needed"]),
+              need(r["examples_needed"])] for r in rows]
+    caption = (f"Is the best configuration told apart from the runner-up, and what could this study detect? "
+               f"Difference: runner-up - best, paired bootstrap over seeds and examples ({NEAR_BOOT} replicates; "
+               f"95% interval and two-sided p); within noise: the interval holds 0. Detectable: the least true "
+               f"difference a two-sided {ALPHA:g}-level test finds with {POWER:.0%} power at this size, "
+               f"(z_0.975 + z_0.8) x SE; seeds needed (examples as now) and examples needed (seeds as now) to "
+               f"detect the observed difference; unreachable: the other source of noise alone is too large. "
+               f"SE^2 = seed/S + example/E + residual/(S E) from the two-way ANOVA variance components of the "
+               f"paired differences (docs/statistics.md); a normal approximation, optimistic for few seeds.")
+    return Table("power", f"{study.name}: power", caption,
+                 ["metric", "best", "runner-up", "difference", "95% CI", "p", "within noise",
+                  f"detectable ({POWER:.0%} power)", "seeds x examples", "seeds needed", "examples needed"],
+                 cells, pd.DataFrame(rows), exclusions(study), set(), ["l"] * 3 + ["r"] * 8)
+
+
+def power_notes(tables: list[Table]) -> list[str]:
+    """One sentence per row of the power table, for the export's notes."""
+    table = next((t for t in tables if t.name == "power"), None)
+    if table is None:
+        return []
+    need = lambda n, what: f"{int(n)} {what}" if n is not None and not pd.isna(n) else f"no number of {what}"  # noqa: E731
+    out = []
+    for r in table.data.to_dict("records"):
+        verdict = ("within noise: the data cannot tell them apart" if r["within_noise"]
+                   else "outside noise")
+        out.append(f"Power, {r['metric']}: best {r['best']} vs runner-up {r['runner_up']} differ by "
+                   f"{r['delta']:+.4f} ({verdict}). At {r['seeds']} seeds x {r['examples']} examples the least "
+                   f"difference found {POWER:.0%} of the time is {r['mde']:.4f}; {abs(r['delta']):.4f} needs "
+                   f"{need(r['seeds_needed'], 'seeds')} at {r['examples']} examples or "
+                   f"{need(r['examples_needed'], 'examples')} at {r['seeds']} seeds (method: docs/statistics.md).")
+    return out
+
+
 RETENTION_PARAM = "cfg.eval.retention"  # the trials' recorded eval.retention (comma-joined entries)
 
 
@@ -355,7 +440,7 @@ def shifts(study: Study) -> tuple[list[str], list[str], list[Shift]]:
                       and m in study.base), key=lambda s: (s != first, s))
     if not forgot or not learned:
         return learned, forgot, []
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     out = []
     for key, row in _sorted(summarize_groups(study.complete, [a.column for a in axes], []), axes):
         g = row["frame"]
@@ -371,7 +456,7 @@ def learned_forgotten_table(study: Study) -> Table | None:
     learned, forgot, rows = shifts(study)
     if not rows:
         return None
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     header = ([a.label for a in axes] + ["n"] + [f"{s} NLL gain over base" for s in learned]
               + [f"{s} NLL rise over base (forgetting)" for s in forgot])
     cells, data = [], []
@@ -399,7 +484,8 @@ def build_tables(study: Study, metrics: list[str]) -> list[Table]:
     tables = axis_tables(study, metrics)
     if len(study.axes) != 1:  # with one axis the configuration table would repeat the axis table
         tables.append(config_table(study, metrics))
-    extra = [t for t in (learned_forgotten_table(study), resource_table(study)) if t is not None]
+    extra = [t for t in (power_table(study, metrics), learned_forgotten_table(study), resource_table(study))
+             if t is not None]
     return tables + pivot_tables(study, metrics) + extra
 
 

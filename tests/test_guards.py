@@ -1,5 +1,7 @@
-"""Retention (forgetting) sets: ``eval.retention`` sets are scored by NLL with the base model and every
-adapter, cost no generation on either engine, and go through the same checks as held-out sets."""
+"""Issue 16's guards on the real path. Retention (forgetting) sets: ``eval.retention`` sets are scored by NLL
+with the base model and every adapter, cost no generation on either engine, go through the same checks
+as held-out sets, and export shows them next to what was learned. Power and Holm: export's power table
+and compare's Holm-adjusted p-values on a tiny real study."""
 
 import json
 
@@ -150,3 +152,60 @@ def test_export_shows_learned_next_to_forgotten(tiny_study, tmp_path):
     assert table["heldout_instances/nll gain mean"].abs().max() > 0  # three steps at lr 5e-2 move the NLL
     assert (out / "plots" / "learned_forgotten.png").is_file()
     assert "learned vs forgotten" in (out / "report.md").read_text()
+
+
+def test_export_power_table_is_the_paired_analysis_of_best_and_runner_up(tiny_study, tmp_path):
+    import pandas as pd
+
+    from lora_ablate.commands.results import compare, export
+    from lora_ablate.export.stats import components
+    from lora_ablate.export.tracked import open_study
+
+    out = export("forget", tmp_path / "out", "csv", tiny_study["ws"], metrics="heldout_instances/nll")
+    (row,) = pd.read_csv(out / "csv" / "power.csv").to_dict("records")
+    c = compare("forget", row["best"], row["runner_up"], workspace=tiny_study["ws"], n_boot=2000)
+    assert row["delta"] == pytest.approx(c.delta) and (row["seeds"], row["examples"]) == (2, 4)
+    assert row["within_noise"] == (row["ci_low"] <= 0 <= row["ci_high"])
+    # detectable = (z_0.975 + z_0.8) SE, SE^2 from the components of the paired differences
+    assert row["mde"] == pytest.approx(2.8016 * row["se"], rel=1e-4) and row["mde"] == pytest.approx(c.detectable)
+    # the same SE by hand from scores.jsonl: token-weighted differences, two-way ANOVA, floored components
+    study = open_study("forget", tiny_study["ws"])
+    scores = study.example_scores
+    scores = scores[scores["set"] == "heldout_instances"]
+    side = lambda sel: scores[scores["run_id"].isin(  # noqa: E731
+        study.complete.loc[study.complete["r"] == int(sel.split("=")[1]), "run_id"])].pivot_table(
+        index="seed", columns="idx", values="nll")
+    w = scores.groupby("idx")["tokens"].mean().to_numpy()
+    d = (side(row["runner_up"]) - side(row["best"])).to_numpy() * w / w.mean()
+    (n_s, n_e), g = d.shape, d.mean()
+    ms_r = n_e * ((d.mean(1) - g) ** 2).sum() / (n_s - 1)
+    ms_c = n_s * ((d.mean(0) - g) ** 2).sum() / (n_e - 1)
+    ms_e = ((d - d.mean(1)[:, None] - d.mean(0)[None, :] + g) ** 2).sum() / ((n_s - 1) * (n_e - 1))
+    var = max(0, ms_r - ms_e) / n_e / n_s + max(0, ms_c - ms_e) / n_s / n_e + ms_e / (n_s * n_e)
+    assert row["se"] == pytest.approx(var ** 0.5) and components(d).variance() == pytest.approx(var)
+    notes = json.loads((out / "summary.json").read_text())["notes"]
+    assert any(n.startswith("Power, heldout_instances/nll: best ") for n in notes)
+
+
+def test_compare_many_prints_raw_and_holm_adjusted_p_values(tiny_study, capsys):
+    import re
+
+    from lora_ablate.cli import main
+    from lora_ablate.commands.results import compare
+    from lora_ablate.export.stats import holm
+
+    ws = str(tiny_study["ws"])
+    base = ["compare", "--workspace", ws, "--study", "forget", "--a", "r=1", "--n-boot", "500"]
+    assert main([*base, "--b", "r=2", "--b", "r=4"]) == 0
+    text = capsys.readouterr().out
+    assert "Holm correction over 2 comparisons" in text and text.count("power: ") == 2
+    got = [(float(raw), float(adj)) for raw, adj in re.findall(r"p = ([\d.]+) raw, ([\d.]+) Holm-adjusted", text)]
+    alone = [compare("forget", "r=1", b, workspace=tiny_study["ws"], n_boot=500).p_value for b in ("r=2", "r=4")]
+    assert [raw for raw, _ in got] == pytest.approx(alone, abs=1e-4)
+    assert [adj for _, adj in got] == pytest.approx(holm(alone), abs=1e-4)
+    assert main([*base, "--all"]) == 0  # every other configuration: the same two comparisons
+    assert re.findall(r"p = [\d.]+ raw, [\d.]+ Holm", capsys.readouterr().out) == re.findall(
+        r"p = [\d.]+ raw, [\d.]+ Holm", text)
+    assert main([*base, "--b", "r=4", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert one["p_holm"] is None and one["detectable"] > 0  # one comparison: nothing to adjust
