@@ -239,10 +239,9 @@ class StudyRunner:
         trial.set_user_attr("config_key", key)
         if flight.run_id:
             trial.set_user_attr("mlflow_run_id", flight.run_id)
-        # the training bar's label, as the trial's MLflow run is named; it also keys self.flying, so a
-        # name already in flight (two sampled values shown alike) gets the trial number
-        label = run_name(flight.params, tuple(a.name for a in self.space.axes), trial.number)
-        label = f"{label} #{trial.number}" if label in self.flying else label
+        # the training bar's label: the trial's MLflow run name, and its number, since the name also keys
+        # self.flying (two sampled values may be shown alike) and the trial's closing line leads with it
+        label = f"{run_name(flight.params, tuple(a.name for a in self.space.axes), trial.number)} #{trial.number}"
         flight.spec = TrialSpec(trial_exp.lora, trial_exp.train, name=label,
                                 adapter_dir=adapter_dir(self.tracker.staging_dir(flight.run_id)))
         return flight
