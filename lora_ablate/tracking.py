@@ -46,7 +46,7 @@ OBJECTIVE_METRIC = "objective"
 # Trial and base runs point at their invocation's parent run with this tag rather than mlflow.parentRunId:
 # the UI folds nested runs under a collapsed parent, so its charts would open on the parent's metrics alone.
 PARENT_TAG = f"{TAG}parent_run"
-# The whole resolved config of a trial, as JSON of ``cfg.<section>.<key>`` -> text, in one tag: as ~60 params
+# The whole resolved config of a trial, as JSON of ``<section>.<key>`` -> text, in one tag: as ~60 params
 # it buried the axes in the UI's param lists (sorted by name) and repeated them under a second name.
 CONFIG_TAG = f"{TAG}config"
 # Values a trial's settings determine (``alpha`` handed to peft is r under the rank rule): tags, not params,
