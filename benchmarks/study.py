@@ -176,7 +176,8 @@ def study_phases(workspace: Path, name: str, t_start: float, wall: float) -> dic
     runs = client.search_runs([exp.experiment_id], max_results=10000)
     parent = max((r for r in runs if r.data.tags.get("lora_ablate.kind") == "study"), key=lambda r: r.info.start_time)
     trials = sorted((r for r in runs if r.data.tags.get("lora_ablate.kind") == "trial"
-                     and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                     and (r.data.tags.get("lora_ablate.parent_run") or r.data.tags.get("mlflow.parentRunId"))
+                     == parent.info.run_id),
                     key=lambda r: int(r.data.tags["lora_ablate.trial_number"]))
     s = lambda ms: ms / 1000 - t_start
     rows = []

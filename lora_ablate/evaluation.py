@@ -5,6 +5,7 @@ with the metric modules under ``evals/metrics``. Per-example scores are kept for
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,24 +129,31 @@ class Evaluator:
             self._bar.set_postfix_str(what, refresh=False)
             self._bar.update(1)
 
-    def run(self, model, device, generate: bool | None = None) -> EvalReport:
+    @contextmanager
+    def bar(self, steps: int, who: str = ""):
+        """The bar that ``tick`` advances, open for one evaluation of ``steps`` batches and generate calls
+        (of ``who``: a pack's trials); shown only with ``progress`` on."""
         from tqdm.auto import tqdm
 
+        examples = sum(len(s.examples) for s in self.sets)
+        self._bar = tqdm(total=steps, desc=f"eval{who} {len(self.sets)} sets, {examples} examples", unit="batch",
+                         disable=not self.progress, leave=False, mininterval=1.0)
+        try:
+            yield
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def run(self, model, device, generate: bool | None = None) -> EvalReport:
         report = EvalReport()
         steps = sum(-(-len(self.encoded[s.name]) // self.cfg.batch_size)
                     + (len(self.generation_chunks(s.name, device, 1)) if self.generates(s, generate) else 0)
                     for s in self.sets)
-        examples = sum(len(s.examples) for s in self.sets)
-        self._bar = tqdm(total=steps, desc=f"eval {len(self.sets)} sets, {examples} examples", unit="batch",
-                         disable=not self.progress, leave=False, mininterval=1.0)
-        try:
+        with self.bar(steps):
             nlls = self.nll(model, device)
             for s in self.sets:
                 preds = self.generate(model, device, s.name) if self.generates(s, generate) else None
                 report.add(s, nlls[s.name], preds)
-        finally:
-            self._bar.close()
-            self._bar = None
         return report
 
 

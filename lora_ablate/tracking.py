@@ -1,5 +1,5 @@
 """MLflow tracking of studies, by the schema in docs/tracking.md: one experiment per study, one parent run
-per ``study`` invocation, one nested run per trial.
+per ``study`` invocation, one ``base model`` run per base evaluation and one run per trial beside them.
 
 The only module that writes to MLflow (``export.runs`` reads the store back; ``ui_server`` serves it).
 ``mlflow`` is imported only when tracking is on, so a study with
@@ -43,6 +43,16 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The objective's value under one name in every study, so the UI's charts and a runs-table column can
 # open on it whatever the study optimises (the tag lora_ablate.objective says which metric it is).
 OBJECTIVE_METRIC = "objective"
+# Trial and base runs point at their invocation's parent run with this tag rather than mlflow.parentRunId:
+# the UI folds nested runs under a collapsed parent, so its charts would open on the parent's metrics alone.
+PARENT_TAG = f"{TAG}parent_run"
+# The whole resolved config of a trial, as JSON of ``<section>.<key>`` -> text, in one tag: as ~60 params
+# it buried the axes in the UI's param lists (sorted by name) and repeated them under a second name.
+CONFIG_TAG = f"{TAG}config"
+# Values a trial's settings determine (``alpha`` handed to peft is r under the rank rule): tags, not params,
+# so the UI's "params that differ" are the axes and the seed, each once.
+DERIVED_TAGS = ("alpha", "scaling")
+BASE_KIND, BASE_RUN_NAME = "base", "base model"  # lora_ablate.kind and name of a base-model run
 
 
 @dataclass
@@ -57,6 +67,8 @@ class StudyInfo:
     exp: Experiment  # the study's base experiment (before the axes)
     model_source: str = ""
     axes: tuple[str, ...] = ()  # the space's axes as Optuna params (not what they determine, e.g. r under a budget)
+    space_file: str = ""  # the space's YAML file, when it was read from one
+    space_description: str = ""
 
 
 @dataclass
@@ -84,16 +96,23 @@ def run_name(params: dict, axes: tuple[str, ...], number: int) -> str:
 
 
 def trial_params(exp: Experiment, params: dict, axes: tuple[str, ...] = ()) -> dict[str, str]:
-    """The study's axes first (the UI lists params in logging order where it keeps one), then the
-    documented top-level params, then the whole resolved config as ``cfg.<section>.<key>``."""
+    """What a trial varies and a few headline settings, each under one name: the study's axes, the
+    resolved ``r``, ``alpha_rule``, ``targets``, ``lr``, ``steps`` and ``seed``, then any other Optuna param
+    (a space may vary dropout, warmup, ...). The rest of the config is in :func:`trial_tags`."""
     lora, train = exp.lora, exp.train
     out = {k: params[k] for k in axes if k in params}
-    out |= {"r": lora.r, "alpha": lora.lora_alpha, "alpha_rule": lora.alpha_rule, "scaling": lora.scaling,
-           "lr": train.lr, "targets": ",".join(lora.targets), "seed": train.seed, "steps": train.steps}
-    # a space may vary other settings (dropout, warmup, ...): their Optuna names are params too
+    out |= {"r": lora.r, "alpha_rule": lora.alpha_rule, "targets": ",".join(lora.targets), "lr": train.lr,
+            "steps": train.steps, "seed": train.seed}
     out.update({k: v for k, v in params.items() if k not in out})
-    out.update({f"cfg.{k}": v for k, v in redacted(exp).flat().items()})
     return {k: str(v) for k, v in out.items()}
+
+
+def trial_tags(exp: Experiment) -> dict[str, str]:
+    """The trial's derived values (``alpha`` handed to peft, ``scaling``) and its whole resolved config
+    (passwords masked) as one JSON tag."""
+    flat = {k: str(v) for k, v in redacted(exp).flat().items()}
+    return {f"{TAG}alpha": str(exp.lora.lora_alpha), f"{TAG}scaling": str(exp.lora.scaling),
+            CONFIG_TAG: json.dumps(flat)}
 
 
 def redacted(exp: Experiment) -> Experiment:
@@ -219,6 +238,7 @@ class MlflowTracker(Tracker):
                 f"{TAG}data": info.exp.data.train, f"{TAG}git_sha": env["git_sha"] or "unknown",
                 f"{TAG}device": env["device"], f"{TAG}objective": info.objective,
                 f"{TAG}direction": info.direction, f"{TAG}optuna_storage": info.storage,
+                f"{TAG}space_file": info.space_file, f"{TAG}space_description": info.space_description,
                 # export groups by these alone, never by what they determine (r under match_budget)
                 f"{TAG}axes": ",".join(info.axes),
                 **{f"{TAG}version.{k}": v for k, v in env["packages"].items() if v},
@@ -229,17 +249,24 @@ class MlflowTracker(Tracker):
         self.parent_id = run.info.run_id
 
     def log_base(self, report: EvalReport) -> None:
-        self._metrics(self.parent_id, 0, report.flat("base/"))
+        """The base model's evaluation as a run of its own, its metrics under the trials' names
+        (``final/<set>/<metric>``, ``objective``), so every chart of a trial metric shows it as one more bar."""
+        tags = {f"{TAG}kind": BASE_KIND, f"{TAG}study": self.study, PARENT_TAG: self.parent_id}
+        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=BASE_RUN_NAME).info.run_id
+        metrics = report.flat("final/")
+        if self.objective in report.flat():
+            metrics[OBJECTIVE_METRIC] = report.flat()[self.objective]
+        self._metrics(run_id, 0, metrics)
         with tempfile.TemporaryDirectory(prefix="lora_ablate_base_") as tmp:
-            _jsonl(Path(tmp) / "base_scores.jsonl", report.examples)
-            self.client.log_artifacts(self.parent_id, tmp)
+            _jsonl(Path(tmp) / "scores.jsonl", report.examples)
+            self.client.log_artifacts(run_id, tmp)
+        self.client.set_terminated(run_id, "FINISHED")
 
     def start_trial(self, trial: TrialRecord) -> str:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-        tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, f"{TAG}kind": "trial", f"{TAG}study": self.study,
+        tags = {PARENT_TAG: self.parent_id, f"{TAG}kind": "trial", f"{TAG}study": self.study,
                 f"{TAG}trial_number": str(trial.number), f"{TAG}state": State.RUNNING,
-                f"{TAG}config_key": trial.config_key, f"{TAG}optuna_storage": self.storage}
+                f"{TAG}config_key": trial.config_key, f"{TAG}optuna_storage": self.storage,
+                **(trial_tags(trial.exp) if trial.exp is not None else {})}
         run = self.client.create_run(self.experiment_id, tags=tags,
                                      run_name=run_name(trial.params, self.axes, trial.number))
         run_id = run.info.run_id
@@ -275,8 +302,10 @@ class MlflowTracker(Tracker):
             self.client.log_batch(run_id, tags=tags)
             metrics = {"wall_s": trial.wall_s}
             if r is not None:
-                self._params(run_id, {"trainable_params": str(r.trainable_params)})
-                metrics.update({"tokens_per_s": r.tokens_per_s, "train_s": r.train_seconds})
+                # a metric, not a param: it follows from r and targets, and as a param it would take a
+                # slot of the compare view's "params that differ"
+                metrics.update({"trainable_params": r.trainable_params, "tokens_per_s": r.tokens_per_s,
+                                "train_s": r.train_seconds})
                 if r.peak_mem_mb:  # measured on CUDA only
                     metrics["peak_mem_mb"] = r.peak_mem_mb
                 if r.final is not None:
@@ -286,8 +315,9 @@ class MlflowTracker(Tracker):
                     _jsonl(staging / "scores.jsonl", r.final.examples)
                 _jsonl(staging / "history.jsonl", [{"kind": "train", **h} for h in r.history]
                        + [{"kind": "eval", **e} for e in r.evals])
-            step = trial.exp.train.steps if trial.exp is not None else 0
-            self._metrics(run_id, step, metrics)
+            # at step 0, as the base model's: the UI charts a metric any run logged at a later step as a line
+            # over steps (every trial a dot at the last one), and one logged at step 0 as a bar per run
+            self._metrics(run_id, 0, metrics)
             if trial.exp is not None:
                 (staging / "config.yaml").write_text(yaml.safe_dump(redacted(trial.exp).to_dict(), sort_keys=False))
             if any(staging.iterdir()):
@@ -321,7 +351,9 @@ class MlflowTracker(Tracker):
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         for r in self._running(study, "trial"):
-            run_id, parent = r.info.run_id, r.data.tags.get(MLFLOW_PARENT_RUN_ID, "")
+            # a trial run of a study tracked before PARENT_TAG is nested under its parent instead
+            run_id = r.info.run_id
+            parent = r.data.tags.get(PARENT_TAG) or r.data.tags.get(MLFLOW_PARENT_RUN_ID, "")
             if run_id in finished:
                 state, reason = finished[run_id]
             elif parent in dead:

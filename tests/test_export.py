@@ -38,11 +38,15 @@ NOT_COMPLETE = {(64, "q,k,v,o", 1): ("FAIL", "FAILED", "CUDA out of memory"),
 # ---------------------------------------------------------------- the store
 
 
-def _write_trial(client, exp_id, parent_id, number, params, metrics, tags, status, scores=None, tmp=None):
+def _write_trial(client, exp_id, parent_id, number, params, metrics, tags, status, scores=None, tmp=None,
+                 nested=True):
+    """A trial run nested under its parent (``mlflow.parentRunId``, as tracked before base-model runs) or
+    beside it (``lora_ablate.parent_run``, the layout of docs/tracking.md)."""
     from mlflow.entities import Metric, Param
 
+    parent = {"mlflow.parentRunId" if nested else "lora_ablate.parent_run": parent_id}
     run = client.create_run(exp_id, run_name=f"trial-{number}", tags={
-        "mlflow.parentRunId": parent_id, "lora_ablate.kind": "trial", "lora_ablate.trial_number": str(number),
+        **parent, "lora_ablate.kind": "trial", "lora_ablate.trial_number": str(number),
         "lora_ablate.optuna_storage": "sqlite:///optuna.db", **tags})
     rid = run.info.run_id
     now = int(time.time() * 1000)
@@ -654,16 +658,23 @@ def test_export_and_the_shared_vocabulary_import_no_torch():
 # ---------------------------------------------------------------- one number, one meaning
 
 
-def build_weighted_study(client, tmp, name="weighted"):
-    """Ranks 16 and 64, 2 seeds, examples of 1 to 6 tokens, the parent holding the base model's metrics;
-    each final NLL is its scores' token-weighted mean, as the evaluation logs it."""
+def build_weighted_study(client, tmp, name="weighted", nested=True):
+    """Ranks 16 and 64, 2 seeds, examples of 1 to 6 tokens; each final NLL is its scores' token-weighted
+    mean, as the evaluation logs it. ``nested``: the layout before base-model runs (trials nested under the
+    parent, which holds the base model's metrics as ``base/*`` and the config as ``cfg.*`` params); else
+    docs/tracking.md's (a ``base model`` run, trials beside the parent, the config in a tag)."""
+    from mlflow.entities import Metric
+
     exp_id = client.create_experiment(name, artifact_location=(tmp / "artifacts" / name).as_uri())
     parent = client.create_run(exp_id, tags={"lora_ablate.kind": "study", "lora_ablate.axes": "r",
                                              "lora_ablate.objective": "heldout_instances/nll"}).info.run_id
-    from mlflow.entities import Metric
-
-    client.log_batch(parent, metrics=[Metric("base/heldout_instances/nll", 2.5, 0, 0),
-                                      Metric("base/heldout_instances/exact_match", 0.0, 0, 0)])
+    base = {"heldout_instances/nll": 2.5, "heldout_instances/exact_match": 0.0}
+    if nested:
+        client.log_batch(parent, metrics=[Metric(f"base/{k}", v, 0, 0) for k, v in base.items()])
+    else:
+        run = client.create_run(exp_id, run_name="base model", tags={
+            "lora_ablate.kind": "base", "lora_ablate.parent_run": parent}).info.run_id
+        client.log_batch(run, metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in base.items()])
     tokens = np.arange(1, 7)
     number = 0
     for r in (16, 64):
@@ -674,10 +685,37 @@ def build_weighted_study(client, tmp, name="weighted"):
                        "exact_match": float(i % 2)} for i in range(len(tokens))]
             final = {"final/heldout_instances/nll": float((nll * tokens).sum() / tokens.sum()),
                      "final/heldout_instances/exact_match": 0.5, "final/heldout_instances/n": len(tokens)}
-            _write_trial(client, exp_id, parent, number, {"r": r, "targets": "q,v", "seed": seed, "lr": 1e-3},
-                         [(k, v, 0) for k, v in final.items()], {"lora_ablate.state": "COMPLETE"}, "FINISHED",
-                         scores, tmp)
+            params = {"r": r, "targets": "q,v", "seed": seed, "lr": 1e-3}
+            config = {"lora.r": str(r), "lora.dropout": "0.05", "train.seed": str(seed)}
+            if nested:
+                params |= {"alpha": float(r), "trainable_params": 100 * r, **{f"cfg.{k}": v for k, v in config.items()}}
+                tags = {}
+            else:
+                final["trainable_params"] = 100 * r
+                tags = {"lora_ablate.alpha": str(float(r)), "lora_ablate.config": json.dumps(config)}
+            _write_trial(client, exp_id, parent, number, params, [(k, v, 0) for k, v in final.items()],
+                         {"lora_ablate.state": "COMPLETE", **tags}, "FINISHED", scores, tmp, nested=nested)
             number += 1
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested-under-parent", "base-run"])
+def test_both_run_layouts_read_back_alike(tmp_path, nested):
+    """A study tracked before base-model runs (trials nested, base/* on the parent, config as cfg.* params)
+    exports as one tracked now: the base row, the config columns, alpha and trainable params."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    build_weighted_study(MlflowClient(tracking_uri=uri), tmp_path, nested=nested)
+    study = open_study("weighted", tracking_uri=uri)
+    assert study.base == {"heldout_instances/nll": 2.5, "heldout_instances/exact_match": 0.0}
+    t = study.trials.sort_values(["r", "seed"])
+    assert list(t["r"]) == [16, 16, 64, 64] and list(t["cfg.lora.r"]) == [16, 16, 64, 64]
+    assert list(t["cfg.lora.dropout"]) == [0.05] * 4 and list(t["alpha"]) == [16.0, 16.0, 64.0, 64.0]
+    assert list(t["trainable_params"]) == [1600, 1600, 6400, 6400]
+    assert len(select(study.complete, {"cfg.train.seed": "1"})) == 2
+    out = export("weighted", tmp_path / "out", "md,csv", tracking_uri=uri)
+    (row,) = [row for row in _csv(out / "csv" / "axis_r.csv") if row["r"] == "base model"]
+    assert float(row["heldout_instances/nll mean"]) == 2.5
 
 
 def test_compare_headline_is_the_table_cell(tmp_path, capsys):

@@ -462,3 +462,34 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     assert report["ceiling_tflops"] > 0
     assert report["study"]["ok"] == report["study"]["trials"] == 2
     assert report["targets"]["best_pack"] in rows and report["targets"]["study_seconds"] > 0
+
+
+def test_packed_evaluation_shows_one_bar_that_ends_full(base, padded, evaluator, monkeypatch):
+    """The final evaluation of a pack advances the evaluator's progress bar once per batch and generate
+    call, and the bar's total counts exactly those."""
+    from contextlib import contextmanager
+
+    from lora_ablate.evaluation import Evaluator
+
+    bars, ticks = [], []
+    real_bar, real_tick = Evaluator.bar, Evaluator.tick
+
+    @contextmanager
+    def bar(self, steps, who=""):
+        bars.append((steps, who, len(ticks)))
+        with real_bar(self, steps, who):
+            yield
+
+    def tick(self, what):
+        ticks.append((what, self._bar is not None))
+        real_tick(self, what)
+
+    monkeypatch.setattr(Evaluator, "bar", bar)
+    monkeypatch.setattr(Evaluator, "tick", tick)
+    short = spec("short", r=2, targets=("q",), steps=2, log_every=1)
+    train_packed(base, [short, spec("short2", r=4, targets=("v",), steps=2, log_every=1)], padded, evaluator,
+                 progress=False)
+    ((steps, who, before),) = bars  # both trials end at step 2: one final evaluation of both
+    shown = [what for what, open_ in ticks[before:] if open_]
+    assert who == " of 2 trials" and steps == len(shown) > 0
+    assert {"heldout_instances NLL", "heldout_instances generation"} == set(shown)

@@ -256,7 +256,7 @@ def test_pruning_stops_a_trial_that_lags_the_median(tmp_path, ctx, experiment):
 
 
 def number(spec) -> int | None:
-    return int(spec.name.rsplit("-", 1)[1]) if spec is not None else None
+    return int(spec.name.rsplit("#", 1)[1]) if spec is not None else None  # "r=2 seed=0 #1"
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""MLflow records of a study, by docs/tracking.md: one parent run per invocation, a nested run per trial
-with the documented params, metrics, tags and artifacts; failed and stale trials; the ``ui`` server."""
+"""MLflow records of a study, by docs/tracking.md: one parent run per invocation, a base-model run and a run
+per trial beside it with the documented params, metrics, tags and artifacts; failed and stale trials; the
+``ui`` server."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ RANK3 = parse_space({"axes": {"lora.r": {"grid": [1, 2, 4]}}}, "rank3")
 # targets_budget in small: on tiny-llama q and o (both d x d) get r 4, q and o together r 2
 BUDGET3 = parse_space({"axes": {"lora.targets": {"grid": [["q"], ["o"], ["q", "o"]]}},
                        "match_budget": {"reference": {"targets": ["q"], "r": 4}}}, "budget3")
-DOC_PARAMS = {"r", "alpha", "alpha_rule", "scaling", "lr", "targets", "seed", "steps", "trainable_params"}
+DOC_PARAMS = {"r", "alpha_rule", "lr", "targets", "seed", "steps"}
 FINAL = {f"final/heldout_instances/{m}" for m in ("nll", "ppl", "exact_match", "rouge_l", "n")}
 
 
@@ -56,9 +57,11 @@ def rank_study(tmp_path_factory, ctx, experiment):
     return exp, report, MlflowClient(tracking_uri=mlflow_uri(ws))
 
 
-def runs_of(client, name):
+def runs_of(client, name, kind=None):
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], max_results=100)
+    if kind is not None:
+        return [r for r in runs if r.data.tags.get("lora_ablate.kind") == kind]
     parents = [r for r in runs if r.data.tags.get("lora_ablate.kind") == "study"]
     trials = [r for r in runs if r.data.tags.get("lora_ablate.kind") == "trial"]
     return experiment, parents, trials
@@ -71,7 +74,7 @@ def artifacts(client, run_id, path=None) -> set[str]:
     return out
 
 
-def test_one_parent_and_a_nested_run_per_trial(rank_study):
+def test_one_parent_a_base_run_and_a_run_per_trial_beside_it(rank_study):
     exp, report, client = rank_study
     assert [o.state for o in report.outcomes] == ["COMPLETE"] * 6
     experiment_, parents, trials = runs_of(client, report.name)
@@ -86,11 +89,22 @@ def test_one_parent_and_a_nested_run_per_trial(rank_study):
     assert tags["lora_ablate.git_sha"] and tags["lora_ablate.device"] == "cpu"
     for package in ("torch", "transformers", "peft", "optuna", "mlflow"):
         assert tags[f"lora_ablate.version.{package}"], package
-    assert {"base/heldout_instances/nll", "base/heldout_instances/exact_match"} <= parent.data.metrics.keys()
-    assert parent.data.metrics["trials/complete"] == 6
-    assert artifacts(client, parent.info.run_id) == {"base_scores.jsonl"}
+    assert parent.data.metrics["trials/complete"] == 6 and "trials/best_value" in parent.data.metrics
+    # no metric of the parent sorts before final/: the UI's charts open on the first section by name
+    assert not any(k.startswith("base/") or k < "final/" for k in parent.data.metrics)
 
-    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    # the base model is a run of its own, under the trials' metric names, so each chart shows it as a bar
+    (base,) = runs_of(client, report.name, "base")
+    assert base.info.run_name == "base model" and base.info.status == "FINISHED"
+    assert base.data.tags["lora_ablate.parent_run"] == parent.info.run_id and not base.data.params
+    assert FINAL <= base.data.metrics.keys()
+    assert base.data.metrics["objective"] == base.data.metrics["final/heldout_instances/nll"]
+    assert base.data.metrics["objective"] == pytest.approx(report.base["heldout_instances/nll"])
+    assert artifacts(client, base.info.run_id) == {"scores.jsonl"}
+
+    # not nested: the UI would fold the trials under a collapsed parent and chart the parent alone
+    assert not any("mlflow.parentRunId" in r.data.tags for r in trials + [base])
+    assert {r.data.tags["lora_ablate.parent_run"] for r in trials} == {parent.info.run_id}
     # named by what differs between them (the axis, then the seed), not by a trial number
     assert sorted(r.info.run_name for r in trials) == sorted(f"r={o.params['r']} seed={o.params['seed']}"
                                                               for o in report.outcomes)
@@ -107,7 +121,7 @@ def test_trial_runs_hold_the_documented_params_metrics_tags_and_artifacts(rank_s
     _, _, runs = runs_of(client, report.name)
     optuna_trials = {t.number: t for t in optuna.load_study(
         study_name=report.name, storage=open_storage(storage_url(exp))).get_trials()}
-    cfg_keys = {f"cfg.{k}" for k in exp.flat()}
+    cfg_keys = set(exp.flat())
     seen = set()
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -117,13 +131,18 @@ def test_trial_runs_hold_the_documented_params_metrics_tags_and_artifacts(rank_s
         assert tags["lora_ablate.state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert tags["lora_ablate.config_key"] == trial.user_attrs["config_key"]
         assert tags["lora_ablate.study"] == report.name and tags["lora_ablate.optuna_storage"].startswith("sqlite:")
-        assert DOC_PARAMS | cfg_keys <= params.keys()
+        # the axes, the seed and a few headline settings, each value under one name
+        assert set(params) == DOC_PARAMS
         assert int(params["r"]) == trial.params["r"] and int(params["seed"]) == trial.params["seed"]
-        assert params["targets"] == "q,v" and params["alpha_rule"] == "rank" and float(params["scaling"]) == 1.0
-        assert int(params["trainable_params"]) > 0 and params["cfg.lora.r"] == params["r"]
+        assert params["targets"] == "q,v" and params["alpha_rule"] == "rank"
+        # what the settings determine, and the whole config, are tags
+        assert tags["lora_ablate.alpha"] == str(float(trial.params["r"])) and float(tags["lora_ablate.scaling"]) == 1.0
+        config = json.loads(tags["lora_ablate.config"])
+        assert set(config) == cfg_keys and config["lora.r"] == params["r"] and config["train.seed"] == params["seed"]
         seen.add((int(params["r"]), int(params["seed"])))
 
         assert FINAL | {"train/loss", "train/lr", "tokens_per_s", "train_s", "wall_s"} <= metrics.keys()
+        assert metrics["trainable_params"] > 0
         assert metrics["final/heldout_instances/nll"] == pytest.approx(trial.value)
         assert trial.user_attrs["final/heldout_instances/nll"] == pytest.approx(trial.value)
         loss = client.get_metric_history(run.info.run_id, "train/loss")
@@ -173,13 +192,17 @@ def test_step_metrics_are_buffered_and_all_written_when_the_run_ends(tmp_path):
 
 
 def test_trial_params_are_stable_and_redact_secrets(make_exp):
+    from lora_ablate.tracking import trial_tags
+
     exp = make_exp(lora={"r": 4, "alpha_rule": "free", "alpha": 8.0, "targets": ["v", "q"]},
                    study={"storage": "postgresql://me:hunter2@db/optuna"})
     params = trial_params(exp, {"r": 4, "seed": 0, "dropout": 0.1})
-    assert params["r"] == "4" and params["alpha"] == "8.0" and params["scaling"] == "2.0"
-    assert params["targets"] == "q,v" and params["dropout"] == "0.1"
-    assert params["cfg.study.storage"] == "postgresql://me:***@db/optuna"
-    assert "hunter2" not in json.dumps(params)
+    assert params["r"] == "4" and params["targets"] == "q,v" and params["dropout"] == "0.1"
+    assert not any(k.startswith("cfg.") or k in ("alpha", "scaling") for k in params)
+    tags = trial_tags(exp)
+    assert tags["lora_ablate.alpha"] == "8.0" and tags["lora_ablate.scaling"] == "2.0"
+    assert json.loads(tags["lora_ablate.config"])["study.storage"] == "postgresql://me:***@db/optuna"
+    assert "hunter2" not in json.dumps(params) + json.dumps(tags)
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
@@ -188,7 +211,7 @@ def test_trial_runs_lead_with_the_study_axes(make_exp):
 
     exp = make_exp(lora={"r": 4, "dropout": 0.1})
     params = trial_params(exp, {"r": 4, "seed": 0, "dropout": 0.1}, axes=("dropout", "r"))
-    assert list(params)[:2] == ["dropout", "r"] and list(params)[-1].startswith("cfg.")
+    assert list(params) == ["dropout", "r", "alpha_rule", "targets", "lr", "steps", "seed"]
     assert run_name({"targets": "q,v", "r": 8, "seed": 1}, ("targets", "r"), 3) == "targets=q,v r=8 seed=1"
     assert run_name({"seed": 0}, (), 5) == "seed=0" and run_name({}, (), 5) == "trial-5"
 
@@ -223,9 +246,13 @@ def test_the_space_axes_are_recorded_and_export_groups_by_them_alone(rank_study,
     exp, report, client = rank_study
     _, parents, _ = runs_of(client, report.name)
     assert parents[0].data.tags["lora_ablate.axes"] == "r"
-    summary, _ = _exported(report.name, exp.study.workspace, tmp_path / "rank")
+    summary, md = _exported(report.name, exp.study.workspace, tmp_path / "rank")
     # resources (throughput, time) have their own table since wall time left the results; power: best vs runner-up
     assert summary["axes"] == ["r"] and summary["tables"] == ["axis_r", "power", "resources"]
+    # the base row is read back from the base-model run; the meta lines name the space and its axes
+    base_row = next(ln for ln in md.splitlines() if ln.startswith("| base model |"))
+    assert f"{report.base['heldout_instances/nll']:.3f}" in base_row
+    assert "- space: rank3\n" in md and "- axes: rank r\n" in md
 
     ws = tmp_path / "budget"
     budget_exp = experiment(BUDGET3, ws, eval={"generate": False, "base": False})
@@ -291,7 +318,7 @@ def test_ui_serves_the_study_over_the_mlflow_rest_api(rank_study):
             runs = json.load(r)["runs"]
         kinds = sorted(next(t["value"] for t in run["data"]["tags"] if t["key"] == "lora_ablate.kind")
                        for run in runs)
-        assert kinds == ["study"] + ["trial"] * 6
+        assert kinds == ["base", "study"] + ["trial"] * 6
     assert server.process.poll() is not None, "the UI server outlived its context"
 
 

@@ -91,7 +91,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
 def write_formats(root: Path, fmts: list[str], study, tables, plots, notes: list[str]) -> None:
     """md: report.md (tables, figure links, notes); csv: csv/<table>.csv and csv/trials.csv (every
     trial, failed ones too); tex: tex/<table>.tex and tables.tex (a whole document); html: report.html."""
-    from lora_ablate.export.html_report import render_report
+    from lora_ablate.export.html_report import render_report, report_meta
     from lora_ablate.export.tables import latex_document, to_csv, to_latex, to_markdown
 
     if "md" in fmts:
@@ -99,7 +99,8 @@ def write_formats(root: Path, fmts: list[str], study, tables, plots, notes: list
                             f"([SVG](plots/{p.svg.name}))\n" for p in plots)
         body = "\n".join(to_markdown(t) for t in tables)
         extra = "".join(f"- {n}\n" for n in notes)
-        (root / "report.md").write_text(f"# {study.name}\n\n## Tables\n\n{body}\n## Figures\n\n{figures}"
+        meta = "".join(f"- {k}: {v}\n" for k, v in report_meta(study))
+        (root / "report.md").write_text(f"# {study.name}\n\n{meta}\n## Tables\n\n{body}\n## Figures\n\n{figures}"
                                         + (f"\n## Notes\n\n{extra}" if extra else ""))
     if "csv" in fmts:
         (root / "csv").mkdir()

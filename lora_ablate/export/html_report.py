@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+from pathlib import PurePath
 
 from lora_ablate.export.plots import Plot
 from lora_ablate.export.tables import Table, to_html
@@ -27,7 +28,27 @@ dl.meta { display: grid; grid-template-columns: max-content auto; gap: .1rem 1re
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
 """
 
-META_TAGS = ("space", "model", "data", "device", "git_sha")
+META_TAGS = ("model", "data", "device", "git_sha")
+
+
+def space_text(tags: dict) -> str:
+    """The space as its study recorded it: the file it was read from (a space given as a file is named
+    after the file's stem, "space" for space.yaml) or its name, then its description."""
+    file, name = tags.get("lora_ablate.space_file"), tags.get("lora_ablate.space", "")
+    desc = tags.get("lora_ablate.space_description")
+    return (PurePath(file).name if file else name) + (f": {desc}" if desc else "")
+
+
+def report_meta(study: Study) -> list[tuple[str, str]]:
+    """The report's header lines, (what, value): the store, objective, axes, trial counts, the space, the
+    model, data, device and commit."""
+    counts = study.counts()
+    meta = [("tracking", study.display_uri), ("objective", f"{study.objective} ({study.direction()})"),
+            ("axes", ", ".join(a.label for a in study.axes) or "(single configuration)"),
+            ("trials", ", ".join(f"{n} {state_word(s)}" for s, n in sorted(counts.items())))]
+    if space_text(study.tags):
+        meta.append(("space", space_text(study.tags)))
+    return meta + [(k, study.tags[f"lora_ablate.{k}"]) for k in META_TAGS if study.tags.get(f"lora_ablate.{k}")]
 
 
 def _figure(p: Plot) -> str:
@@ -39,12 +60,7 @@ def _figure(p: Plot) -> str:
 
 
 def render_report(study: Study, tables: list[Table], plots: list[Plot], notes: list[str]) -> str:
-    counts = study.counts()
-    meta = [("tracking", study.display_uri), ("objective", f"{study.objective} ({study.direction()})"),
-            ("axes", ", ".join(a.label for a in study.axes) or "(single configuration)"),
-            ("trials", ", ".join(f"{n} {state_word(s)}" for s, n in sorted(counts.items())))]
-    meta += [(k, study.tags[f"lora_ablate.{k}"]) for k in META_TAGS if study.tags.get(f"lora_ablate.{k}")]
-    dl = "\n".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in meta)
+    dl = "\n".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in report_meta(study))
     toc = "\n".join(f'<li><a href="#{html.escape(x.name)}">{html.escape(x.title)}</a></li>'
                     for x in [*tables, *plots])
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)

@@ -7,6 +7,7 @@ laptop's SQLite store and on a tracking server many workers wrote to.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 
 from lora_ablate.config import coerce
 from lora_ablate.errors import UserError
+from lora_ablate.tracking import CONFIG_TAG, DERIVED_TAGS, PARENT_TAG, TAG
 from lora_ablate.vocab import SEED_PARAM, State, config_hash, targets_text
 from lora_ablate.workspace import existing_tracking_uri
 
@@ -49,12 +51,27 @@ def fallback_key(params: dict) -> str:
                         if k in PARAM_TYPES and k not in (SEED_PARAM, "trainable_params")})
 
 
+def run_params(tags: dict, params: dict, metrics: dict) -> dict:
+    """A trial run's params, typed, as one layout: ``cfg.<section>.<key>``, ``alpha``, ``scaling`` and
+    ``trainable_params`` are params of a run tracked before they moved to tags and metrics, and read back
+    from there for a newer one."""
+    raw = dict(params)
+    for k, v in json.loads(tags.get(CONFIG_TAG) or "{}").items():
+        raw.setdefault(f"cfg.{k}", v)
+    for k in DERIVED_TAGS:
+        if f"{TAG}{k}" in tags:
+            raw.setdefault(k, tags[f"{TAG}{k}"])
+    if "trainable_params" in metrics:
+        raw.setdefault("trainable_params", str(int(metrics["trainable_params"])))
+    return {k: _typed(v, PARAM_TYPES.get(k)) for k, v in raw.items()}
+
+
 def trials_frame(runs) -> pd.DataFrame:
     """One row per trial run: ids, state, params (typed), final and scalar metrics; in trial order."""
     rows = []
     for r in runs:
         t, p, m = r.data.tags, r.data.params, r.data.metrics
-        params = {k: _typed(v, PARAM_TYPES.get(k)) for k, v in p.items()}
+        params = run_params(t, p, m)
         if "targets" in params and params["targets"] is not None:
             params["targets"] = targets_text(str(params["targets"]).split(","))
         rows.append({
@@ -63,7 +80,7 @@ def trials_frame(runs) -> pd.DataFrame:
             "state": t.get("lora_ablate.state") or State.of_run(r.info.status).value,
             "fail_reason": t.get("lora_ablate.fail_reason", ""),
             "config_key": t.get("lora_ablate.config_key") or fallback_key(params),
-            "parent_run_id": t.get("mlflow.parentRunId", ""),
+            "parent_run_id": t.get(PARENT_TAG) or t.get("mlflow.parentRunId", ""),
             **params,
             **{k: v for k, v in m.items() if k.startswith("final/") or k in SCALARS},
         })

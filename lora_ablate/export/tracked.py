@@ -11,11 +11,14 @@ import pandas as pd
 from lora_ablate.errors import UserError, choices
 from lora_ablate.export.axes import ResultAxis, bin_labels, detect_axes
 from lora_ablate.export.runs import AXES_TAG, RunStore, trials_frame
+from lora_ablate.tracking import BASE_KIND
 from lora_ablate.vocab import State, metric_direction
 from lora_ablate.workspace import redact
 
 DEFAULT_OBJECTIVE = "heldout_instances/nll"
-BASE_PREFIX = "base/"  # the parent run's metrics of the base model (docs/tracking.md)
+# The base model's metrics: ``final/...`` of a ``base model`` run; ``base/...`` of the parent run in a study
+# tracked before base runs existed (docs/tracking.md).
+BASE_PREFIXES = {BASE_KIND: "final/", "study": "base/"}
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Study:
     tags: dict
     trials: pd.DataFrame
     _store: RunStore | None = field(repr=False, default=None)
-    # the base model's held-out metrics ``{"<set>/<metric>": value}`` as the parent run logged them
+    # the base model's held-out metrics ``{"<set>/<metric>": value}`` as its newest evaluation logged them
     base: dict = field(default_factory=dict)
 
     @property
@@ -134,7 +137,16 @@ def open_study(name: str, workspace=None, tracking_uri: str | None = None) -> St
     axes = next((r.data.tags[AXES_TAG] for r in newest if AXES_TAG in r.data.tags), None)
     if axes is not None:
         tags[AXES_TAG] = axes
-    # a resume that skipped the base evaluation logs none: the newest parent that has it speaks
-    base = next(({k[len(BASE_PREFIX):]: v for k, v in r.data.metrics.items() if k.startswith(BASE_PREFIX)}
-                 for r in newest if any(k.startswith(BASE_PREFIX) for k in r.data.metrics)), {})
-    return Study(name, store.uri, experiment_id, tags, trials_frame(trials), store, base)
+    return Study(name, store.uri, experiment_id, tags, trials_frame(trials), store, base_metrics(runs))
+
+
+def base_metrics(runs) -> dict:
+    """The base model's metrics of the newest run that holds them, of either layout: a resume that skipped
+    the base evaluation logs none, and an older invocation's may be a parent run's ``base/*``."""
+    found = []
+    for r in runs:
+        prefix = BASE_PREFIXES.get(r.data.tags.get("lora_ablate.kind", ""))
+        metrics = {k[len(prefix):]: v for k, v in r.data.metrics.items() if prefix and k.startswith(prefix)}
+        if metrics:
+            found.append((r.info.start_time or 0, metrics))
+    return max(found, key=lambda x: x[0])[1] if found else {}

@@ -45,6 +45,7 @@ def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict
                         for k in range(g):
                             per_ex[k] += ex[k]
                             counts[k] += n[k]
+                        evaluator.tick(f"{s.name} NLL")
                     for k in range(g):
                         total = sum(a * c for a, c in zip(per_ex[k], counts[k])) / max(1, sum(counts[k]))
                         res[k][s.name] = (total, per_ex[k], counts[k])
@@ -79,18 +80,31 @@ def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: s
                     for k in range(g):
                         for i, row in zip(idx, rows[k]):
                             preds[k][i] = answer(tok, row)
+                    evaluator.tick(f"{name} generation")
             out += preds
     finally:
         model.train()
     return out
 
 
+def _steps(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> int:
+    """The batches and generate calls of ``packed_reports``: what its progress bar counts."""
+    cfg = evaluator.cfg
+    steps = sum(len(_eval_groups(pack, slots, cfg.batch_size)) * -(-len(evaluator.encoded[s.name]) // cfg.batch_size)
+                for s in evaluator.sets)
+    steps += sum(len(evaluator.generation_chunks(s.name, pack.device, copies=len(group)))
+                 for group in _eval_groups(pack, slots, cfg.batch_size, factor=GENERATE_ROWS)
+                 for s in evaluator.sets if evaluator.generates(s))
+    return steps
+
+
 def packed_reports(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[EvalReport]:
     """``Evaluator.run`` for each slot: per-set NLL/ppl (and generation metrics), per-example rows."""
-    nlls = packed_nll(pack, evaluator, slots)
-    reports = [EvalReport() for _ in slots]
-    for s in evaluator.sets:
-        preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.generates(s) else None
-        for k, report in enumerate(reports):
-            report.add(s, nlls[k][s.name], preds[k] if preds is not None else None)
+    with evaluator.bar(_steps(pack, evaluator, slots), f" of {len(slots)} trial{'s' if len(slots) != 1 else ''}"):
+        nlls = packed_nll(pack, evaluator, slots)
+        reports = [EvalReport() for _ in slots]
+        for s in evaluator.sets:
+            preds = packed_generate(pack, evaluator, slots, s.name) if evaluator.generates(s) else None
+            for k, report in enumerate(reports):
+                report.add(s, nlls[k][s.name], preds[k] if preds is not None else None)
     return reports

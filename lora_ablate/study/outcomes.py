@@ -56,7 +56,7 @@ def study_summary(study) -> dict[str, float]:
     summary = {f"trials/{s.lower()}": float(sum(t.state.name == s for t in trials)) for s in FINAL_STATES}
     best = best_value(study)
     if best is not None:
-        summary["best/value"] = best
+        summary["trials/best_value"] = best  # not best/value: the UI charts a section per prefix, by name
     return summary
 
 

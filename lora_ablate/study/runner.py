@@ -35,7 +35,7 @@ from lora_ablate.study.settings import check_study, seeds_of, storage_url
 from lora_ablate.study.storage import load_or_create, quiet_optuna, study_exists, unwritable
 from lora_ablate.study.trials import Hooks, InFlight, adapter_dir, config_key, size, suggest
 from lora_ablate.study.workers import timed
-from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord
+from lora_ablate.tracking import StudyInfo, Tracker, TrialRecord, run_name
 from lora_ablate.trainers import make_trainer
 from lora_ablate.trial import Trainer, TrialResult, TrialSpec
 from lora_ablate.workspace import redact
@@ -96,7 +96,8 @@ class StudyRunner:
         base = self.ctx.base
         self.tracker.start_study(StudyInfo(name, self.space.name, self.objective.name, self.objective.direction,
                                            report.storage, self.exp, base.source,
-                                           tuple(a.name for a in self.space.axes)))
+                                           tuple(a.name for a in self.space.axes),
+                                           str(self.space.path or ""), self.space.description))
         status = "FAILED"
         self.ctx.evaluator.progress = self.progress
         try:
@@ -242,7 +243,10 @@ class StudyRunner:
         trial.set_user_attr("config_key", key)
         if flight.run_id:
             trial.set_user_attr("mlflow_run_id", flight.run_id)
-        flight.spec = TrialSpec(trial_exp.lora, trial_exp.train, name=f"trial-{trial.number}",
+        # the training bar's label: the trial's MLflow run name, and its number, since the name also keys
+        # self.flying (two sampled values may be shown alike) and the trial's closing line leads with it
+        label = f"{run_name(flight.params, tuple(a.name for a in self.space.axes), trial.number)} #{trial.number}"
+        flight.spec = TrialSpec(trial_exp.lora, trial_exp.train, name=label,
                                 adapter_dir=adapter_dir(self.tracker.staging_dir(flight.run_id)))
         return flight
 
