@@ -223,3 +223,12 @@ def nan_rank(monkeypatch):
         return real
 
     return poison
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """These models are tiny: on a shared small CPU, intra-op threads only contend (8.4 s vs 0.3 s a trial)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -110,15 +110,6 @@ def test_rows_is_opt_in_and_unknown_layouts_are_refused():
 
 # --- the packed path ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models: on a shared small CPU, intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loaded(arch):
     from lora_ablate.models import LoadedModel
     from lora_ablate.tiny import tiny_tokenizer

@@ -31,13 +31,7 @@ REL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared small CPU, intra-op threads only contend (8.4 s vs 0.3 s a trial)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
 
 
 @pytest.fixture(scope="module")

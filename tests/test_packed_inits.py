@@ -17,13 +17,7 @@ REL = 1e-4
 TEXTS = ["### Instruction:\nReverse the word.\n\n### Response:\nelppa", "the of and 12 apple"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on a shared small CPU, intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
 
 
 def spec(name, tmp, r=4, init="pissa", steps=4, targets=("q", "v", "o", "mlp"), **lora):

@@ -12,7 +12,6 @@ from test_packed import (  # the equality tests' own trials, checks and fixtures
     MIXED,
     assert_same_trial,
     base,  # noqa: F401 - a fixture: the tiny-llama base
-    one_thread,  # noqa: F401 - a fixture (autouse): one intra-op thread
     spec,
 )
 
@@ -23,6 +22,7 @@ from lora_ablate.packed.varlen import WIDTH, _FlatData, _VarlenPlan
 from lora_ablate.reference import ReferenceTrainer
 
 REL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
 
 
 @pytest.fixture(scope="module")

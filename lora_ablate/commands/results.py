@@ -55,6 +55,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
     """Write tables (``--format``), figures (always, PNG and SVG) and ``summary.json`` into ``out``,
     atomically: ``out`` appears only when everything was written."""
     from lora_ablate.export.plots import render_plots
+    from lora_ablate.export.steps_to_loss import steps_to_loss_table
     from lora_ablate.export.tables import build_tables, power_notes
     from lora_ablate.export.tracked import open_study
     from lora_ablate.rundir import RunDir
@@ -73,6 +74,7 @@ def export(study_name: str, out: Path | None = None, formats: str = ",".join(FOR
     run = RunDir(out)
     with run:
         tables = build_tables(study, chosen)
+        tables += [t for t in (steps_to_loss_table(study),) if t is not None]
         plots, notes = render_plots(study, chosen, run.path / "plots")
         notes += power_notes(tables)
         write_formats(run.path, fmts, study, tables, plots, notes)

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from lora_ablate.export.axes import ResultAxis
-from lora_ablate.export.stats import summarize
-from lora_ablate.export.tables import Table, _sorted, exclusions, fmt_summary, summarize_groups
+from lora_ablate.export.stats import Summary, summarize
+from lora_ablate.export.tables import Table, _sorted, exclusions, summarize_groups
 from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import format_value
 
@@ -44,6 +44,13 @@ def first_step_at(steps: np.ndarray, loss: np.ndarray, level: float) -> float:
 def _at_fraction(steps: np.ndarray, loss: np.ndarray, frac: float) -> float:
     target = steps[0] + frac * (steps[-1] - steps[0])
     return float(loss[np.searchsorted(steps, target, side="left").clip(0, len(loss) - 1)])
+
+
+def fmt_steps(s: Summary) -> str:
+    """Steps to one decimal (a mean over seeds of whole steps): ``mean ± std [lo, hi]``."""
+    if not s.has_interval:
+        return f"{s.mean:.0f}"
+    return f"{s.mean:.1f} ± {s.std:.1f} [{s.ci_low:.1f}, {s.ci_high:.1f}]"
 
 
 def steps_to_loss_table(study: Study) -> Table | None:
@@ -77,7 +84,7 @@ def steps_to_loss_table(study: Study) -> Table | None:
             got = [s for s in steps if not math.isnan(s)]
             missing = len(steps) - len(got)
             s = summarize(got)
-            text = fmt_summary(s) if got else "not reached"
+            text = fmt_steps(s) if got else "not reached"
             texts.append(text + (f" ({missing} of {len(steps)} not reached)" if got and missing else ""))
             rec.update({f"loss {lv:.4f} steps mean": s.mean, f"loss {lv:.4f} ci_low": s.ci_low,
                         f"loss {lv:.4f} ci_high": s.ci_high, f"loss {lv:.4f} not_reached": missing})
