@@ -39,6 +39,7 @@ _LOFTQ_REFUSAL = ("lora.init=loftq is not offered: peft's LoftQ needs bitsandbyt
                   "only fits the LoftQ-requantized base, not the original one; choose one of: " + ", ".join(INITS))
 FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
+ATTENTIONS = ("auto", "sdpa", "flex")  # study.attention
 FIELD_KEYS = ("instruction", "input", "output", "instances", "prompt", "completion")
 # what an inline eval.sets entry may say (a set file under evals/sets/ says the same, plus description)
 SET_KEYS = ("path", "source", "name", "fields", "format", "size", "metrics", "headline", "leakage", "generate")
@@ -243,6 +244,9 @@ class StudyConfig:
                            "many as fit on a GPU, and on a CPU 1, the plain peft reference loop; or a number")
     compile: str = _f("auto", "torch.compile the model's blocks in packed training (about 2x faster steps on a "
                               "GPU after a one-off compilation): auto (on a GPU), true, false")
+    attention: str = _f("auto", "attention of sequence-packed training rows: sdpa (a dense boolean document mask), "
+                                "flex (a FlexAttention BlockMask that skips masked tiles; CUDA, packed engine "
+                                "only), auto = sdpa until flex is measured faster")
     workspace: str = _f(DEFAULT_WORKSPACE, f"folder of the embedded stores: {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/")
     storage: str = _f("", f"Optuna RDB storage URL (default: sqlite:///<workspace>/{OPTUNA_DB})")
     retry_failed: bool = _f(True, "train failed trials again when the study is resumed (false: a failure is final)")
@@ -265,6 +269,7 @@ class StudyConfig:
         if self.pack != "auto" and not (str(self.pack).isdigit() and int(self.pack) >= 1):
             raise UserError(f"study.pack={self.pack!r} is not valid; give a positive integer or auto")
         _one_of("study", "compile", str(self.compile).lower(), ("auto", "true", "false"))
+        _one_of("study", "attention", self.attention, ATTENTIONS)
 
     def compiles(self, cuda: bool) -> bool:
         """Whether packed training compiles the model's blocks, on a GPU (``cuda``) or not."""

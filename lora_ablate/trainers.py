@@ -14,12 +14,19 @@ from lora_ablate.trial import Trainer, TrialHooks
 
 
 def make_trainer(base: LoadedModel, data: Encoded, evaluator: Evaluator | None, hooks: TrialHooks | None = None, *,
-                 pack: int = 1, compile: bool = False, progress: bool = True, fast: bool = False) -> Trainer:
+                 pack: int = 1, compile: bool = False, progress: bool = True, fast: bool = False,
+                 attention: str = "auto") -> Trainer:
     """A trainer of trials on ``base``: the reference for ``pack`` 1, else the packed engine, which trains
     the specs it is handed (the caller hands up to ``pack``) in one pack; ``fast`` takes the packed engine
-    for a pack of 1 too (the fast single trial); ``compile`` is for the packed engine only."""
+    for a pack of 1 too (the fast single trial); ``compile`` and ``attention`` (``study.attention``) are
+    for the packed engine only, and ``attention="flex"`` where it cannot work is a UserError here."""
     if pack <= 1 and not fast:
+        if attention == "flex":  # the reference loop is what flex is checked against: it stays as it is
+            from lora_ablate.packed.attention import flex_error
+
+            raise flex_error("it is for the packed engine's sequence packing, and study.pack=1 (or a CPU) "
+                             "trains on the reference loop")
         return ReferenceTrainer(base, data, evaluator, hooks, progress)
     from lora_ablate.packed import PackedTrainer
 
-    return PackedTrainer(base, data, evaluator, hooks, progress, compile=compile)
+    return PackedTrainer(base, data, evaluator, hooks, progress, compile=compile, attention=attention)

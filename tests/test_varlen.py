@@ -3,6 +3,7 @@
 CPU, fp32, tiny-llama, on data that mixes very short and very long examples (where padding wastes most).
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -15,21 +16,24 @@ from test_packed import (  # the equality tests' own trials, checks and fixtures
     spec,
 )
 
+from lora_ablate.config import build_experiment
 from lora_ablate.data import IGNORE, Encoded, encode_all, load_examples
+from lora_ablate.errors import UserError
 from lora_ablate.evaluation import token_nll
 from lora_ablate.packed import Pack, train_packed
-from lora_ablate.packed.varlen import WIDTH, _FlatData, _VarlenPlan
+from lora_ablate.packed.attention import _flex_attention, flex_refusal
+from lora_ablate.packed.varlen import WIDTH, _FlatData, _VarlenPlan, document_block_mask, document_mask
 from lora_ablate.reference import ReferenceTrainer
+from lora_ablate.trainers import make_trainer
 
 REL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
 
 
-@pytest.fixture(scope="module")
-def mixed(base):
+def mixed_examples(tokenizer) -> Encoded:
     """A third of the examples 3-8 tokens (their output's tail), a third as encoded (~100), a third two
     examples end to end (~200): most of a padded batch is padding."""
-    enc = encode_all(load_examples("builtin:train", size=49, seed=0), base.tokenizer, "alpaca", 112)
+    enc = encode_all(load_examples("builtin:train", size=49, seed=0), tokenizer, "alpaca", 112)
     ids, labels = [], []
     for i in range(48):
         x, y = enc.input_ids[i], enc.labels[i]
@@ -43,18 +47,31 @@ def mixed(base):
     return Encoded(ids, labels)
 
 
-def test_packed_rows_give_the_padded_per_token_nll(base, mixed):
+@pytest.fixture(scope="module")
+def mixed(base):
+    return mixed_examples(base.tokenizer)
+
+
+TRIALS = [[0, 1, 2, 3, 6], [5, 9, 12, 2]]  # short, long, longest, short, ... and one trial fewer
+
+
+@pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])
+def test_packed_rows_give_the_padded_per_token_nll(base, mixed, flex):
     """Two trials' micro-batches of very short and very long examples as packed rows: every example's
-    per-token NLL is the padded batch's (to 1e-5); an example's last token predicts nothing."""
+    per-token NLL is the padded batch's (to 1e-5), under SDPA's boolean mask and under flex_attention's
+    BlockMask alike; an example's last token predicts nothing. (Forward only for flex: torch's
+    flex_attention has no backward on a CPU; tests/test_packed_gpu.py trains with it.)"""
     pad = base.tokenizer.pad_token_id
-    trials = [[0, 1, 2, 3, 6], [5, 9, 12, 2]]  # short, long, longest, short, ... and one trial fewer
+    trials = TRIALS
     flat = _FlatData(mixed, pad, torch.device("cpu"))
-    plan = _VarlenPlan(flat, [[trials]], False, torch.device("cpu"))
+    plan = _VarlenPlan(flat, [[trials]], False, torch.device("cpu"), flex=flex)
     width = plan.widths[0][0]
     assert width % WIDTH == 0 and width >= max(sum(len(mixed.input_ids[i]) for i in ex) for ex in trials)
     ids, labels, extra = plan.batch(plan.tables[0][0], width)
-    with torch.no_grad():
+    assert isinstance(extra["attention_mask"], torch.Tensor) != flex
+    with torch.no_grad(), _flex_attention(base.model) if flex else contextlib.nullcontext():
         packed, _ = token_nll(base.model(input_ids=ids, use_cache=False, **extra).logits, labels)
+    assert base.model.config._attn_implementation == "sdpa"
     for k, ex in enumerate(trials):
         batch = mixed.batch(ex, pad)
         with torch.no_grad():  # right padding + causal: the pack's padded path
@@ -70,6 +87,48 @@ def test_packed_rows_give_the_padded_per_token_nll(base, mixed):
                 assert packed[k, offset + n - 1] == 0  # the next example's first token is no target
             offset += n
         assert not packed[k, offset:].any() and (labels[k, offset:] == IGNORE).all()
+
+
+def test_document_block_mask_is_the_document_mask_and_skips_masked_tiles(base, mixed):
+    """The BlockMask of packed rows allows exactly the boolean document mask's pairs, and its tiles are
+    exactly those holding an allowed pair: a tile no query may attend is never computed."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    plan = _VarlenPlan(_FlatData(mixed, base.tokenizer.pad_token_id, torch.device("cpu")), [[TRIALS]], False,
+                       torch.device("cpu"), flex=True)
+    width = plan.widths[0][0]
+    doc = plan.tables[0][0][2, :, :width]
+    block = document_block_mask(doc)
+    dense = document_mask(doc)
+    assert torch.equal(create_mask(block.mask_mod, len(TRIALS), 1, width, width), dense)
+    q, kv = block.BLOCK_SIZE
+    padded = torch.nn.functional.pad(dense, (0, -width % kv, 0, -width % q))
+    K, _, Q, KV = padded.shape
+    used = padded.view(K, 1, Q // q, q, KV // kv, kv).any(-1).any(-2)
+    assert torch.equal(block.to_dense().bool(), used)
+    causal_tiles = (Q // q) * (Q // q + 1) // 2
+    assert used[0].sum() < causal_tiles  # the first row's documents end inside it: off-diagonal tiles skipped
+
+
+def test_flex_is_refused_where_it_cannot_train(base, mixed):
+    """study.attention=flex where it cannot work (a CPU, the reference loop, a non-SDPA model, a bad value)
+    is one line naming the value and the choices, before any trial starts."""
+    for make in (lambda: make_trainer(base, mixed, None, pack=2, attention="flex"),
+                 lambda: make_trainer(base, mixed, None, pack=1, attention="flex"),
+                 lambda: train_packed(base, [MIXED[0]], mixed, None, progress=False, attention="flex")):
+        with pytest.raises(UserError) as e:
+            make()
+        assert "study.attention=flex" in str(e.value) and "choose one of: auto, sdpa" in str(e.value)
+    assert "no backward on cpu" in flex_refusal(base.model, torch.device("cpu"))
+    base.model.config._attn_implementation = "eager"
+    try:  # the device is not touched: a CUDA device's checks of the model, without one
+        assert "'eager'" in flex_refusal(base.model, torch.device("cuda"))
+    finally:
+        base.model.config._attn_implementation = "sdpa"
+    assert flex_refusal(base.model, torch.device("cuda")) is None
+    assert build_experiment({}, ["study.attention=flex"]).study.attention == "flex"
+    with pytest.raises(UserError, match=r"study.attention='dense' is not valid; choose one of: auto, sdpa, flex"):
+        build_experiment({}, ["study.attention=dense"])
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ def train(exp: Experiment, out: Path | None = None, merge: bool = False, progres
         # is untested, so study.compile=auto leaves a k-bit base eager
         fast = base.device.type == "cuda" and exp.study.pack != "1"
         result = make_trainer(base, ctx.train, ctx.evaluator, progress=progress, pack=1, fast=fast,
-                              compile=exp.study.compiles(fast and base.quantization == "none")).train([spec])[0]
+                              compile=exp.study.compiles(fast and base.quantization == "none"),
+                              attention=exp.study.attention).train([spec])[0]
         if result.status != "ok":
             raise UserError(f"training {result.status}: {result.error}")
         run.yaml("config.yaml", redacted(exp).to_dict())

@@ -12,7 +12,7 @@ import torch
 
 from lora_ablate.errors import first_line
 from lora_ablate.evaluation import token_nll
-from lora_ablate.packed.attention import _causal_attention
+from lora_ablate.packed.attention import _causal_attention, _flex_attention
 from lora_ablate.packed.graphs import MIN_SPAN, bucket_widths
 from lora_ablate.packed.loss import head_nll
 from lora_ablate.packed.optim import (
@@ -62,7 +62,7 @@ class Steps:
             self.varlen = _VarlenPlan(pack.flat, [[[s.batches[(s.done + j) * s.train.grad_accum + m]
                                                     if m < s.train.grad_accum else [] for s in slots]
                                                    for m in range(self.ga)] for j in range(self.span)],
-                                      self.graphed, dev)
+                                      self.graphed, dev, flex=pack.flex)
             self.widths = self.varlen.widths
             self.host_tokens = list(zip(self.varlen.real, self.varlen.computed))
         # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
@@ -131,9 +131,7 @@ class Steps:
         With ``host_window`` (the same divisors on the host), K = 1 reduces exactly as the single path."""
         pack = self.pack
         K = len(pack.slots)
-        # right padding + causal attention: real tokens never see padding, so no padding mask is needed;
-        # packed rows bring their own document mask instead
-        with _causal_attention(pack.model) if self.varlen is None else contextlib.nullcontext():
+        with self._attention():
             for m in range(self.ga):
                 if self.varlen is None:
                     ids, labels, extra = *pack.data.batch(rows[m], widths[m]), {}
@@ -148,6 +146,14 @@ class Steps:
                     loss = nll.view(K, -1).sum(1) / window
                 loss.sum().backward()
                 pack.running += loss.detach()  # per micro-batch, in the single path's order
+
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """Right padding + causal attention: real tokens never see padding, so no padding mask is needed.
+        Packed rows bring their own document mask instead: boolean for the model's SDPA, or a BlockMask
+        that only transformers' flex_attention reads."""
+        if self.varlen is None:
+            return _causal_attention(self.pack.model)
+        return _flex_attention(self.pack.model) if self.varlen.flex else contextlib.nullcontext()
 
     def _nll(self, ids: torch.Tensor, labels: torch.Tensor, **extra) -> torch.Tensor:
         """Per-token next-token NLL of the batch (0 where masked); ``extra``: packed rows' attention_mask and

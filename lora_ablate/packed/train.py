@@ -15,6 +15,7 @@ from lora_ablate.errors import one_line
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.adapter_dir import export_adapter
+from lora_ablate.packed.attention import flex_error, require_flex
 from lora_ablate.packed.heldout import packed_nll, packed_reports
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
@@ -27,7 +28,9 @@ class PackedTrainer(Trainer):
     def __init__(self, base: LoadedModel, data: Encoded, evaluator: Evaluator | None,
                  hooks: TrialHooks | None = None, progress: bool = True, **options):
         self.base, self.data, self.evaluator, self.hooks, self.progress = base, data, evaluator, hooks, progress
-        self.options = options  # train_packed's keywords: compile, lora_dtype, fused_head, cuda_graphs
+        self.options = options  # train_packed's keywords: compile, lora_dtype, fused_head, cuda_graphs, attention
+        if options.get("attention") == "flex":  # refused when the trainer is made, before any trial is asked
+            require_flex(base.model, base.device)
 
     def train(self, specs: Sequence[TrialSpec], on_result: Callable[[TrialResult], None] | None = None,
               refill: Callable[[], TrialSpec | None] | None = None) -> list[TrialResult]:
@@ -41,7 +44,7 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
                  on_result: Callable[[TrialResult], None] | None = None,
                  compile: bool = False, lora_dtype: torch.dtype | None = None,
                  fused_head: bool | None = None, cuda_graphs: bool | None = None,
-                 packing: bool | None = None) -> list[TrialResult]:
+                 packing: bool | None = None, attention: str = "auto") -> list[TrialResult]:
     """Train ``specs`` together in one pack; one TrialResult per trial, in the order trials joined.
 
     ``refill()`` is asked for a new spec whenever a trial leaves the pack (finished, failed, pruned), and
@@ -55,7 +58,9 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     training step as one CUDA graph (packed/pack.py); both default to on for a CUDA base and off elsewhere,
     where the eager reference path is kept bit for bit. ``packing`` concatenates each trial's examples of
     a micro-batch into one row under a document mask, so a step costs about its real tokens
-    (packed/varlen.py; SDPA models only); default on for a CUDA base, off elsewhere.
+    (packed/varlen.py; SDPA models only); default on for a CUDA base, off elsewhere. ``attention`` is
+    ``study.attention``: "flex" gives the packed rows a FlexAttention BlockMask (masked tiles are skipped;
+    a CUDA SDPA model only, UserError otherwise), "sdpa" and "auto" the boolean mask under SDPA.
     """
     hooks = hooks or TrialHooks()
     if not specs:
@@ -63,13 +68,19 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     results: list[TrialResult] = []
     checkpointing = any(s.train.gradient_checkpointing for s in specs)
     cuda = base.device.type == "cuda"
+    flex = attention == "flex"
+    if flex:
+        require_flex(base.model, base.device)
+    packing = cuda if packing is None else packing
+    if flex and not packing:
+        raise flex_error("it masks sequence-packed rows, and packing is off")
     pack = Pack(base, data, lora_dtype, compile and not checkpointing,
                  fused_head=cuda if fused_head is None else fused_head,
                  # checkpointing saves and restores the RNG state and bitsandbytes' kernels sync with the
                  # host, neither of which a graph capture allows
                  graphs=(cuda and not checkpointing and base.quantization == "none") if cuda_graphs is None
                  else cuda_graphs,
-                 packing=cuda if packing is None else packing)
+                 packing=packing, flex=flex)
     if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:

@@ -21,8 +21,13 @@ that PackedLoraLinear relies on (rows ``k*R .. (k+1)*R`` belong to trial k) stay
 has one width (one graph-key entry), and there is no packing decision that could differ between runs.
 The price: attention under an explicit mask is dense O(L^2) per row (SDPA cannot skip the masked blocks,
 and the flash kernel does not take a mask), with L about b times the mean example length. For the linear
-layers, which dominate at the lengths studies use, the cost is the real tokens. Splitting long rows or a
-FlexAttention document BlockMask (which skips masked blocks) would go behind ``_VarlenPlan.batch``.
+layers the cost is the real tokens. With ``flex`` (``study.attention=flex``) the same "same document and
+causal" rule is a FlexAttention BlockMask instead (``document_block_mask``): tiles (128 x 128) that no
+query may attend are never computed, so attention costs about the tiles covering each example's own
+causal triangle (for examples of a few hundred tokens, a few times those triangles, not L^2 / 2). It is
+built from the same per-token document ids by device operations only (no host sync), so it is built
+inside a captured CUDA graph like the boolean mask (still one [K, 1, L, L] boolean pass per micro-batch,
+shared by all layers; building it at tile granularity would save that too).
 
 What padding remains: all K rows share the width of the longest, so a step computes K times its longest
 trial row, not the sum of the rows. Trials with the same data order pad at most WIDTH each; trials whose
@@ -76,6 +81,17 @@ def document_mask(doc: torch.Tensor) -> torch.Tensor:
     return (doc.unsqueeze(-1) == doc.unsqueeze(-2)).unsqueeze(1) & causal
 
 
+def document_block_mask(doc: torch.Tensor):
+    """``document_mask`` as a FlexAttention BlockMask [K, 1, L, L] (one head row: every head shares it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (kv <= q)
+
+    K, L = doc.shape
+    return create_block_mask(same_document_causal, K, None, L, L, device=doc.device)
+
+
 class _VarlenPlan:
     """The packed rows of every micro-batch of a span, precomputed on the host and uploaded once.
 
@@ -85,8 +101,10 @@ class _VarlenPlan:
     """
 
     def __init__(self, flat: _FlatData, per_micro: list[list[list[list[int]]]], graphed: bool,
-                 device: torch.device):
-        """``per_micro[j][m][k]``: the example indices of trial k in micro-batch m of step j."""
+                 device: torch.device, flex: bool = False):
+        """``per_micro[j][m][k]``: the example indices of trial k in micro-batch m of step j; ``flex``:
+        the rows' mask is a BlockMask (``document_block_mask``) for transformers' flex_attention."""
+        self.flex = flex
         self.widths, self.real, self.computed = [], [], []
         host = []
         for step in per_micro:
@@ -134,4 +152,5 @@ class _VarlenPlan:
         flat_index = index.reshape(-1)
         ids = self.flat.ids.index_select(0, flat_index).view(index.shape)
         labels = self.flat.labels.index_select(0, flat_index).view(index.shape)
-        return ids, labels, {"attention_mask": document_mask(doc), "position_ids": pos.long()}
+        mask = document_block_mask(doc) if self.flex else document_mask(doc)
+        return ids, labels, {"attention_mask": mask, "position_ids": pos.long()}

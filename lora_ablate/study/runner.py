@@ -126,7 +126,8 @@ class StudyRunner:
         cuda = ctx.base.device.type == "cuda"
         # study.pack=1 is the reference loop; auto on a GPU is the packed engine even if only one trial fits
         trainer = make_trainer(ctx.base, ctx.train, ctx.evaluator, hooks, pack=pack, progress=self.progress,
-                               fast=cuda and self.exp.study.pack == "auto", compile=self.exp.study.compiles(cuda))
+                               fast=cuda and self.exp.study.pack == "auto", compile=self.exp.study.compiles(cuda),
+                               attention=self.exp.study.attention)
         self.bar = Progress(self.study.study_name, shown, self.objective, self.progress)
         try:
             while flights := self._ask(pack):
