@@ -93,7 +93,7 @@ def study_exists(exp: Experiment, space: Space) -> bool:
 
 
 # the study's own settings a worker joining from another machine needs (``worker`` rebuilds the run from them)
-WORKER_SETTINGS = ("seeds", "objective", "direction", "pruner", "retry_failed", "space", "name", "compile")
+WORKER_SETTINGS = ("seeds", "objective", "direction", "pruner", "retry_failed", "space", "name", "compile", "attention")
 ATTRS_WAIT_S = 10.0  # how long a process that lost the creation race waits for the winner's settings
 
 
