@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from lora_ablate.config import DataConfig, EvalConfig, Experiment, ModelConfig
 from lora_ablate.data import Encoded, EvalSet, Example, encode_all, load_eval_sets, load_train
-from lora_ablate.errors import UserError
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.leakage import Leakage, check
 from lora_ablate.models import LoadedModel, load_base
@@ -40,15 +39,12 @@ def build_context(exp: Experiment, targets=None, with_train: bool = True, rank: 
     ``with_train=False`` (evaluating a saved adapter) skips the training records: ``train`` is empty.
     ``rank`` is the largest lora.r to be trained (default: the experiment's when it trains).
     """
-    from lora_ablate.targets import resolve_targets
+    from lora_ablate.targets import check_targets
 
     examples, sets = _setup_data(exp.data, exp.eval, with_train)
     base = _setup_model(exp.model)
     if rank is None and with_train and not targets:
         rank = exp.lora.r
-    for roles in targets or [exp.lora.targets]:
-        plan = resolve_targets(base.model, roles)
-        if rank is not None and (error := plan.rank_error(rank)):
-            raise UserError(error)
+    check_targets(base.model, targets or [exp.lora.targets], rank, exp.lora.fused_subset)
     train = encode_all(examples, base.tokenizer, exp.data.template, exp.data.max_length)
     return Context(base, train, Evaluator(sets, base.tokenizer, exp.data, exp.eval))

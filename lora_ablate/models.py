@@ -187,21 +187,32 @@ def reload_full_precision(base: LoadedModel) -> LoadedModel:
     return full
 
 
-def check_base(cfg: ModelConfig) -> None:
+def check_base(cfg: ModelConfig) -> torch.nn.Module:
     """What ``load_base`` would refuse, found without loading weights (a parent that only starts workers):
-    the device, the quantization, and that the name resolves; a hub id's config is fetched (or read from the
-    cache when offline), the few kilobytes that tell a real model from a misspelt one."""
+    the device, the quantization, and that the name resolves. Returns the base's skeleton on the meta device,
+    modules and shapes without weights, built from the config the loader reads (a GGUF's own metadata, an HF
+    folder's or hub id's config.json: a few kilobytes, from the cache when offline), so that
+    ``targets.check_targets`` can refuse targets and ranks the model cannot take."""
     _check_quantization(cfg, resolve_device(cfg))
     if cfg.name == TINY_MODEL:
-        return
-    where, gguf = _locate(cfg.name)
-    if gguf is None and not Path(where).exists():
-        from transformers import AutoConfig
+        from lora_ablate.tiny import tiny_llama
 
-        try:
-            AutoConfig.from_pretrained(where)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+        with torch.device("meta"):
+            return tiny_llama()[0]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, gguf = _locate(cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name={cfg.name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    try:
+        # a k-bit base has the same module names and (out, in) features, so the unquantized skeleton
+        # answers for it too
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:  # a config that no causal LM class takes (an encoder, a vision model)
+        raise UserError(f"model.name={cfg.name!r} is not a causal language model: {str(e).splitlines()[0]}") from None
 
 
 def _check_quantization(cfg: ModelConfig, device: torch.device) -> None:

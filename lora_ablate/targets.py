@@ -197,6 +197,19 @@ def resolve_targets(model: torch.nn.Module, roles: Sequence[str], fused_subset: 
                       table=dict(table) if inferred or partial else None, inferred=inferred, fused_rows=fused_rows)
 
 
+def check_targets(model: torch.nn.Module, target_sets: Sequence[Sequence[str]], rank: int | None = None,
+                  fused_subset: str = "refuse") -> None:
+    """Refuse, as one UserError line, a subset of ``target_sets`` that does not resolve on ``model``, or a
+    lora.r ``rank`` above the rank of a module it adapts (None: no rank to check): what train and study refuse
+    before they write anything. Only module names, shapes and the config are read, so the meta-device
+    skeleton of ``models.check_base`` answers as the loaded model does: a parent that only starts workers
+    refuses the same input without loading the weights."""
+    for roles in target_sets:
+        plan = resolve_targets(model, roles, fused_subset)
+        if rank is not None and (error := plan.rank_error(rank)):
+            raise UserError(error)
+
+
 def _features(module: torch.nn.Module) -> tuple[int, int]:
     """(out, in) features of a Linear or Conv1D, seen through a peft wrapper (a 4-bit weight is packed, so
     not its shape)."""

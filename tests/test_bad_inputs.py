@@ -150,6 +150,7 @@ CASES = [
     ("workspace /proc", [*STUDY[:2], "/proc/lora-ws", *STUDY[3:]], ["/proc/lora-ws", "system folder"]),
     ("workspace /sys", [*STUDY[:2], "/sys/lora-ws", *STUDY[3:]], ["/sys/lora-ws", "system folder"]),
     ("study rank above width", [*STUDY, "--space", "{tmp}/wide.yaml"], ["lora.r=100000", "<= 32"]),
+    ("workers rank above width", [*STUDY, "--workers", "2", "--space", "{tmp}/wide.yaml"], ["lora.r=100000", "<= 32"]),
     ("resume other objective", ["study", "--workspace", "{ws}", "--space", "{space}", "--study-name", "{study}",
                                 "--storage", "{storage}", "--tracking-uri", "{tracking}", "--quiet", *TINY,
                                 "study.direction=maximize"], ["{study}", "optimises"]),

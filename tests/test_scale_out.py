@@ -104,19 +104,113 @@ def test_check_base_refuses_what_load_base_would_without_loading_weights():
         assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
 
 
+# r=64 is above the rank of tiny-llama's k_proj (32 x 64): only the model's shapes can tell
+WIDE = "axes:\n  lora.r: {grid: [2, 64]}\n  lora.targets: {grid: [[q], [k]]}\n"
+# q and v without k: not expressible on gpt2's fused c_attn (lora.fused_subset=refuse)
+PART_FUSED = "fixed:\n  lora.targets: [q, v]\naxes:\n  lora.r: {grid: [2, 4]}\n"
+
+
+def _gpt2(folder: Path) -> str:
+    """A GPT-2 model folder holding only its config: all the parent reads of a model."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)
+    return str(folder)
+
+
+def _refused_by_parent(tmp_path: Path, flags: list[str], overrides: list[str], named: list[str]) -> None:
+    """``study --workers 2 FLAGS ... OVERRIDES`` exits 2 with one ``error:`` line naming ``named``, before the
+    study exists and before any worker starts."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.run([sys.executable, "-m", "lora_ablate", "study", "--workers", "2", "--workspace",
+                           str(tmp_path / "ws"), "--storage", storage, "--quiet", *flags, *TINY, *overrides],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert lines[0].startswith("error:") and all(n in lines[0] for n in named), lines
+    assert "worker(s) done" not in proc.stdout  # no worker was started
+    assert not (tmp_path / "optuna.db").exists() or optuna.study.get_all_study_names(open_storage(storage)) == []
+
+
 @pytest.mark.parametrize("bad, named", [("model.name=nobody/no-such-model", "nobody/no-such-model"),
                                         ("data.train=/nonexistent/train.jsonl", "/nonexistent/train.jsonl")])
 def test_bad_input_with_workers_fails_once_in_the_parent_and_leaves_no_study(tmp_path, bad, named):
     """Checked before the study exists and before any worker starts: one line, exit 2, no empty study."""
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = subprocess.run([sys.executable, "-m", "lora_ablate", "study", "--workers", "2", "--workspace",
-                           str(tmp_path / "ws"), "--storage", storage, "--quiet", *TINY, bad],
+    _refused_by_parent(tmp_path, [], [bad], [named])
+
+
+def test_a_rank_above_a_target_module_with_workers_fails_in_the_parent(tmp_path):
+    (tmp_path / "wide.yaml").write_text(WIDE)
+    _refused_by_parent(tmp_path, ["--space", str(tmp_path / "wide.yaml")], [],
+                       ["lora.r=64", "self_attn.k_proj", "32x64", "lora.r <= 32"])
+
+
+def test_targets_the_architecture_cannot_take_with_workers_fail_in_the_parent(tmp_path):
+    (tmp_path / "part.yaml").write_text(PART_FUSED)
+    _refused_by_parent(tmp_path, ["--space", str(tmp_path / "part.yaml")], [f"model.name={_gpt2(tmp_path / 'gpt2')}"],
+                       ["gpt2 fuses q, k and v", "[q, v]"])
+
+
+def test_the_skeleton_check_takes_part_of_a_fused_matrix_where_lora_fused_subset_allows_it(tmp_path):
+    """lora.fused_subset=rows trains q and v alone on gpt2's c_attn: the parent must not refuse what the
+    trainers accept."""
+    from lora_ablate.config import ModelConfig
+    from lora_ablate.errors import UserError
+    from lora_ablate.models import check_base
+    from lora_ablate.targets import check_targets
+
+    skeleton = check_base(ModelConfig(name=_gpt2(tmp_path / "gpt2")))
+    with pytest.raises(UserError, match="gpt2 fuses q, k and v"):
+        check_targets(skeleton, [("q", "v")], 4)
+    check_targets(skeleton, [("q", "v")], 4, "rows")
+    with pytest.raises(UserError, match="lora.r=64 is above"):  # c_attn is 96 x 32
+        check_targets(skeleton, [("q", "v")], 64, "rows")
+
+
+def test_the_skeleton_check_answers_as_the_loaded_model_in_well_under_a_second():
+    """The parent's check reads names and shapes off a meta-device skeleton: the same refusal, word for word,
+    as the check on the loaded model, and none of the weights' cost."""
+    import peft.tuners.tuners_utils  # noqa: F401 - imports are the interpreter's cost, paid by any command
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from lora_ablate.config import ModelConfig
+    from lora_ablate.errors import UserError
+    from lora_ablate.models import check_base, load_base
+    from lora_ablate.targets import check_targets
+
+    t0 = time.perf_counter()
+    skeleton = check_base(ModelConfig(name="tiny-llama"))
+    check_targets(skeleton, [("q", "k", "v", "o"), ("mlp",)], 32)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5, elapsed
+    assert all(p.is_meta for p in skeleton.parameters())
+    refusals = []
+    for model in (skeleton, load_base(ModelConfig(name="tiny-llama")).model):
+        with pytest.raises(UserError) as e:
+            check_targets(model, [("q",), ("k",)], 64)
+        refusals.append(str(e.value))
+    assert refusals[0] == refusals[1] and "k_proj" in refusals[0], refusals
+
+
+def test_a_worker_joining_a_study_its_model_cannot_train_refuses_before_training(tmp_path):
+    """A study created without the check (an older lora_ablate, or another model at creation): ``worker``
+    runs the same check before its first trial, and the study gets no trial."""
+    from lora_ablate.commands.study import study_setup
+    from lora_ablate.study.settings import objective_of
+    from lora_ablate.study.storage import load_or_create
+
+    storage, ws = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "ws"
+    (tmp_path / "wide.yaml").write_text(WIDE)
+    sp, exp = study_setup(str(tmp_path / "wide.yaml"), None, TINY,
+                          {"study": {"workspace": str(ws), "storage": storage}, "tracking": {"enabled": False}})
+    name = load_or_create(exp, sp, objective_of(exp))[0].study_name
+    proc = subprocess.run([sys.executable, "-m", "lora_ablate", "worker", "--study", name, "--storage", storage,
+                           "--workspace", str(ws), "--no-tracking", "--quiet"],
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert lines[0].startswith("error:") and named in lines[0], lines
-    assert "worker(s) done" not in proc.stdout  # no worker was started
-    assert not (tmp_path / "optuna.db").exists() or optuna.study.get_all_study_names(open_storage(storage)) == []
+    assert lines[0].startswith("error:") and "lora.r=64" in lines[0] and "k_proj" in lines[0], lines
+    assert optuna.load_study(study_name=name, storage=open_storage(storage)).trials == []
 
 
 # ----------------------------------------------------------------------------- creation races

@@ -102,20 +102,24 @@ def study(space: str | None = None, config: Path | None = None, overrides: list[
 
 def _study_pool(sp: Space, exp: Experiment, workers: str, progress: bool) -> int:
     """Create the study (so that its settings are in the storage), then let N ``worker`` processes train it.
-    Config, space, stores, data and eval sets were checked by the caller; the model is checked here without
-    loading it (each worker loads its own), so bad input fails once, here, before the study exists, not in
-    every worker after it was created empty."""
+    Config, space, stores, data and eval sets were checked by the caller; the model, and the space's targets
+    and ranks on it, are checked here on the model's skeleton (each worker loads its own weights), so bad
+    input fails once, here, before the study exists, not in every worker after it was created empty."""
     from lora_ablate.commands.pool import pool
     from lora_ablate.models import check_base
     from lora_ablate.study import objective_of, storage_url
     from lora_ablate.study.storage import load_or_create
+    from lora_ablate.targets import check_targets
 
     if workers != "auto" and not (workers.isdigit() and int(workers) > 0):
         raise UserError(f"--workers {workers!r}: give a number of processes, or auto (one per visible GPU)")
     if exp.study.n_trials:
         raise UserError("--n-trials counts one process's trials; with --workers use --timeout, or let the "
                         "workers finish what the space needs")
-    check_base(exp.model)
+    # the subsets and the largest rank the single-process study checks (StudyRunner._context), so both
+    # refuse the same spaces
+    check_targets(check_base(exp.model), sp.target_sets() or [exp.lora.targets], sp.largest_rank(exp),
+                  exp.lora.fused_subset)
     study, _ = load_or_create(exp, sp, objective_of(exp))
     args = ["--study", study.study_name, "--storage", storage_url(exp), "--workspace", exp.study.workspace]
     if not exp.tracking.enabled:

@@ -15,7 +15,7 @@ from lora_ablate.config import build_experiment
 from lora_ablate.errors import UserError, choices
 from lora_ablate.spaces import Space, load_space, parse_space
 from lora_ablate.stores import worker_label
-from lora_ablate.study.storage import open_storage
+from lora_ablate.study.storage import open_storage, quiet_optuna
 from lora_ablate.workspace import redact
 
 TIMINGS_ENV = "LORA_ABLATE_TIMINGS"
@@ -47,6 +47,7 @@ def joined_setup(storage_url: str, name: str, study: dict, tracking: dict) -> tu
     worker's own settings (workspace, pack, timeout; the tracking store), laid over the stored ones."""
     import optuna
 
+    quiet_optuna()  # before the storage opens: its heartbeat setting warns, and a refusal is one line
     storage = open_storage(storage_url)
     names = optuna.study.get_all_study_names(storage)
     if name not in names:
