@@ -98,9 +98,11 @@ def test_retention_entries_and_names_are_checked(tmp_path):
 
 
 def test_shipped_retention_set_is_nll_only():
-    from lora_ablate.data import set_spec
+    # the set file itself: its source lives outside the clone (../shared/data), which CI does not have
+    from lora_ablate.config import read_mapping
+    from lora_ablate.suite import evals_dir
 
-    spec = set_spec("retention_user")
+    spec = read_mapping(evals_dir() / "sets" / "retention_user.yaml", "held-out set file", "a mapping")
     assert spec["generate"] is False and spec["headline"] == "nll" and spec["source"].endswith(
         "user_oriented_instructions.jsonl")
 

@@ -100,7 +100,7 @@ def test_document_block_mask_is_the_document_mask_and_skips_masked_tiles(base, m
     doc = plan.tables[0][0][2, :, :width]
     block = document_block_mask(doc)
     dense = document_mask(doc)
-    assert torch.equal(create_mask(block.mask_mod, len(TRIALS), 1, width, width), dense)
+    assert torch.equal(create_mask(block.mask_mod, len(TRIALS), 1, width, width, device=doc.device), dense)
     q, kv = block.BLOCK_SIZE
     padded = torch.nn.functional.pad(dense, (0, -width % kv, 0, -width % q))
     K, _, Q, KV = padded.shape
