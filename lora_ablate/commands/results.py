@@ -302,11 +302,12 @@ def power_sentence(c: Comparison) -> str:
     if math.isnan(c.detectable):
         return "power: not estimated (one example)"
     noise = "within noise (the interval holds 0)" if c.ci_low <= 0 <= c.ci_high else "outside noise"
-    need = lambda n, what: f"{n} {what}" if n is not None else f"no number of {what}"  # noqa: E731
+    from lora_ablate.export.stats import needed_text
+
     return (f"power: {noise}; at {c.n_seeds} seeds x {c.n_examples} examples a difference of "
-            f"{c.detectable:.4f} is found 80% of the time (two-sided 0.05); detecting {abs(c.delta):.4f} needs "
-            f"{need(c.seeds_needed, 'seeds')} at {c.n_examples} examples, or {need(c.examples_needed, 'examples')} "
-            f"at {c.n_seeds} seeds")
+            f"{c.detectable:.4f} is found 80% of the time (two-sided 0.05); detecting {abs(c.delta):.4f}: "
+            f"{needed_text(c.seeds_needed, 'seeds', str(c.n_examples) + ' examples')}, or "
+            f"{needed_text(c.examples_needed, 'examples', str(c.n_seeds) + ' seeds')}")
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:

@@ -237,6 +237,15 @@ def detectable(parts: Components, effect: float, power: float = 0.8, alpha: floa
     return Power(effect, se, z * se, seeds, examples, power, alpha, parts)
 
 
+def needed_text(n, unit: str, other: str) -> str:
+    """``n`` seeds/examples a difference needs, in words; None (or NaN) means more of ``unit`` alone at the
+    other's current size (``other``) never reaches it: the rest of the noise is already too large."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return f"out of reach of more {unit} at {other}"
+    n = int(n)
+    return f"{n} {unit if n != 1 else unit.removesuffix('s')} at {other}"
+
+
 def holm(p_values) -> list[float]:
     """Holm-Bonferroni adjusted p-values, in the input's order: sorted ascending, the k-th smallest (from
     0) becomes ``max over j <= k of min(1, (m - j) p_(j))``. Rejecting where the adjusted p <= alpha holds

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lora_ablate.export.axes import ResultAxis
-from lora_ablate.export.stats import Summary, summarize
+from lora_ablate.export.stats import Summary, needed_text, summarize
 from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import State, format_value, state_word
 
@@ -391,16 +391,16 @@ def power_notes(tables: list[Table]) -> list[str]:
     table = next((t for t in tables if t.name == "power"), None)
     if table is None:
         return []
-    need = lambda n, what: f"{int(n)} {what}" if n is not None and not pd.isna(n) else f"no number of {what}"  # noqa: E731
     out = []
     for r in table.data.to_dict("records"):
         verdict = ("within noise: the data cannot tell them apart" if r["within_noise"]
                    else "outside noise")
         out.append(f"Power, {r['metric']}: best {r['best']} vs runner-up {r['runner_up']} differ by "
                    f"{r['delta']:+.4f} ({verdict}). At {r['seeds']} seeds x {r['examples']} examples the least "
-                   f"difference found {POWER:.0%} of the time is {r['mde']:.4f}; {abs(r['delta']):.4f} needs "
-                   f"{need(r['seeds_needed'], 'seeds')} at {r['examples']} examples or "
-                   f"{need(r['examples_needed'], 'examples')} at {r['seeds']} seeds (method: docs/statistics.md).")
+                   f"difference found {POWER:.0%} of the time is {r['mde']:.4f}; detecting {abs(r['delta']):.4f}: "
+                   f"{needed_text(r['seeds_needed'], 'seeds', str(r['examples']) + ' examples')}, or "
+                   f"{needed_text(r['examples_needed'], 'examples', str(r['seeds']) + ' seeds')} "
+                   "(method: docs/statistics.md).")
     return out
 
 
