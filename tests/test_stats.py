@@ -184,3 +184,12 @@ def test_holm_matches_a_hand_computed_example():
     # sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005, 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([0.02]) == [0.02] and holm([]) == []
+
+
+def test_needed_text_reads_as_a_count_or_out_of_reach():
+    from lora_ablate.export.stats import needed_text
+
+    assert needed_text(1, "seeds", "100 examples") == "1 seed at 100 examples"
+    assert needed_text(12.0, "examples", "3 seeds") == "12 examples at 3 seeds"
+    assert needed_text(None, "seeds", "100 examples") == needed_text(float("nan"), "seeds", "100 examples") \
+        == "out of reach of more seeds at 100 examples"
