@@ -427,6 +427,21 @@ def test_resuming_with_other_settings_is_refused(tmp_path, ctx, experiment):
             RANK3, ctx)
 
 
+def test_a_study_recorded_before_a_setting_existed_resumes_with_its_default(tmp_path, ctx, experiment):
+    """A study created before eval.retention existed has no such key in its record: it ran with the default
+    (no retention set), so resuming with the default is the same study and anything else is refused."""
+    import optuna
+
+    exp = experiment(RANK3, tmp_path, study={"n_trials": 1})
+    report = run(exp, RANK3, ctx)
+    study = optuna.load_study(study_name=report.name, storage=f"sqlite:///{exp.study.workspace}/optuna.db")
+    older = {k: v for k, v in study.user_attrs["base_config"].items() if k != "eval.retention"}
+    study.set_user_attr("base_config", older)
+    run(experiment(RANK3, tmp_path, study={"n_trials": 1}), RANK3, ctx)  # resumes
+    with pytest.raises(UserError, match=r"was run with eval\.retention=None \(now 'heldout_tasks'\)"):
+        run(experiment(RANK3, tmp_path, eval={"retention": ["heldout_tasks"]}), RANK3, ctx)
+
+
 @pytest.mark.parametrize("study, message", [
     ({"pruner": "median"}, "prunes on intermediate held-out loss; set eval.every=N"),
     ({"objective": "heldout_tasks/nll"}, "'heldout_tasks' is not a held-out set of this experiment"),

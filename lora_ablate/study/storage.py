@@ -178,7 +178,9 @@ def load_or_create(exp: Experiment, space: Space, objective: Objective):
     if mine != theirs:
         raise UserError(f"study {name!r} in {redact(url)} optimises {theirs}; this run asks for {mine}: {hint}")
     stored = attrs.get("base_config", {})
-    diff = sorted(k for k in set(stored) | set(shared) if stored.get(k) != shared.get(k))
+    # a setting added since the study was created is not in its record; the study ran with its default
+    defaults = Experiment().flat()
+    diff = sorted(k for k in set(stored) | set(shared) if stored.get(k, defaults.get(k)) != shared.get(k))
     if diff:
         shown = ", ".join(f"{k}={stored.get(k)!r} (now {shared.get(k)!r})" for k in diff[:3])
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
