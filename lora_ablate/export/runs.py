@@ -97,6 +97,9 @@ class RunStore:
 
         self.uri = existing_tracking_uri(workspace, tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
+        # (run, key) -> [(step, value)]: the curves plot and the steps-to-loss table read the same histories,
+        # one request per run and key against a tracking server
+        self._histories: dict[tuple[str, str], list[tuple[int, float]]] = {}
 
     def study_names(self) -> list[str]:
         from mlflow.utils import get_results_from_paginated_fn
@@ -117,9 +120,13 @@ class RunStore:
 
     def curves(self, run_ids, keys) -> pd.DataFrame:
         """Step series (``train/loss``, ``<set>/nll``, ...) as rows ``run_id, key, step, value``."""
-        rows = [(rid, key, m.step, m.value) for rid in run_ids for key in keys
-                for m in self.client.get_metric_history(rid, key)]
+        rows = [(rid, key, step, value) for rid in run_ids for key in keys for step, value in self._history(rid, key)]
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+    def _history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        if (run_id, key) not in self._histories:
+            self._histories[run_id, key] = [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+        return self._histories[run_id, key]
 
     def scores(self, run_ids, study: str) -> pd.DataFrame:
         """Per-example rows of each run's ``scores.jsonl``, with ``run_id`` added."""

@@ -15,9 +15,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from lora_ablate.export.axes import ResultAxis
 from lora_ablate.export.stats import Summary, summarize
-from lora_ablate.export.tables import Table, _sorted, exclusions, summarize_groups
+from lora_ablate.export.tables import Table, _sorted, exclusions, raw_axes, summarize_groups
 from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import format_value
 
@@ -67,7 +66,7 @@ def steps_to_loss_table(study: Study) -> Table | None:
             series[run_id] = smoothed(g["step"].to_numpy(), g["value"].to_numpy())
     if not series:
         return None
-    axes = [ResultAxis(a.name, (), False) if a.binned else a for a in study.axes]
+    axes = raw_axes(study)
     frame = frame[frame["run_id"].isin(series)]
     groups = _sorted(summarize_groups(frame, [a.column for a in axes], []), axes)
     levels = []
