@@ -770,3 +770,29 @@ def test_a_difference_inside_the_interval_is_marked():
     study.__dict__["example_scores"] = pd.DataFrame(rows)  # the cached property, without a store
     groups = [pd.DataFrame({"run_id": [f"g{g}"]}) for g in range(3)]
     assert near_best(study, groups, {0}, "s/nll") == {1}
+
+
+def test_footnote_groups_failures_by_reason_and_says_which_were_trained_again():
+    """A pack that ran out of memory fails its 12 trials with one long message: the footnote names it once
+    (shortened) with the trials' numbers as ranges, lists a small group with its settings, and counts the
+    failures whose configuration and seed completed later (a resumed study trained them again)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from lora_ablate.export.tables import MAX_REASON_CHARS, exclusions
+
+    oom = "CUDA out of memory. Tried to allocate 114.00 MiB. " + "GPU 0 has a total capacity of 139.80 GiB " * 8
+    rows = [{"trial_number": n, "state": "FAIL", "fail_reason": oom, "config_key": f"c{n % 6}", "r": 4,
+             "seed": n // 6} for n in range(12)]
+    rows += [{"trial_number": 12 + n, "state": "COMPLETE", "fail_reason": None, "config_key": f"c{n % 6}", "r": 4,
+              "seed": n // 6} for n in range(10)]  # 10 of the 12 failed cells trained again
+    rows += [{"trial_number": 30, "state": "PRUNED", "fail_reason": "pruned at step 20", "config_key": "c9",
+              "r": 64, "seed": 0}]
+    study = SimpleNamespace(trials=pd.DataFrame(rows), axes=[SimpleNamespace(name="r")])
+    note = exclusions(study)
+    assert note.count("CUDA out of memory") == 1 and oom not in note
+    assert f"12 failed ({oom[:MAX_REASON_CHARS - 1].rstrip()}…): trials 0-11" in note
+    assert "1 pruned (pruned at step 20): trial 30 (r=64, seed=0)" in note
+    assert "12 failed, 1 pruned of 23 trials" in note
+    assert "10 of them were trained again later and completed" in note

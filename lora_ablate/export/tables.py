@@ -22,6 +22,7 @@ from lora_ablate.vocab import State, format_value, state_word
 
 METRIC_WORDS = {"nll": "NLL", "ppl": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
 MAX_LISTED_EXCLUSIONS = 10
+MAX_REASON_CHARS = 120  # a footnote names the reason; the full message is in trials.csv and MLflow
 NEAR_MARK = "†"  # within the paired-bootstrap interval of the best
 NEAR_BOOT = 2000  # replicates per near-best check: a 95% interval's ends to about ±0.005 in probability
 BASE_LABEL = "base model"
@@ -134,22 +135,63 @@ def _sorted(groups, axes: list[ResultAxis]):
 
 
 def exclusions(study: Study) -> str:
-    """One footnote for every table: which trials are not in any mean, and why."""
+    """One footnote for every table: which trials are not in any mean, and why. Trials that failed for one
+    reason are one entry (a pack that ran out of memory fails all its trials with the same long message), and
+    a failed trial whose configuration and seed completed later (a resumed study trains it again) says so."""
     t = study.trials
     bad = t[t["state"] != State.COMPLETE]
     if bad.empty:
         return f"All {len(t)} trials completed; n counts the complete trials in each cell."
     counts = ", ".join(f"{n} {state_word(s)}" for s, n in bad["state"].value_counts().items())
     names = [a.name for a in study.axes] + (["seed"] if "seed" in t else [])
-    listed = []
-    for _, r in bad.head(MAX_LISTED_EXCLUSIONS).iterrows():
-        desc = ", ".join(f"{k}={format_value(r[k])}" for k in names if k in r and not pd.isna(r[k]))
-        reason = f": {r['fail_reason']}" if r.get("fail_reason") else ""
-        number = "?" if pd.isna(r["trial_number"]) else int(r["trial_number"])
-        listed.append(f"trial {number} ({state_word(r['state'])}; {desc}{reason})")
-    more = f"; and {len(bad) - MAX_LISTED_EXCLUSIONS} more" if len(bad) > MAX_LISTED_EXCLUSIONS else ""
+    entries = []
+    reasons = bad["fail_reason"].fillna("") if "fail_reason" in bad else pd.Series("", index=bad.index)
+    for (state, reason), group in bad.groupby([bad["state"], reasons.map(_short_reason)], sort=False):
+        numbers = sorted(int(n) for n in group["trial_number"].dropna())
+        if len(group) <= MAX_LISTED_EXCLUSIONS // 2:  # few: each with its settings
+            who = "; ".join(f"trial {_number(r)} ({', '.join(_settings(r, names))})" for _, r in group.iterrows())
+        else:
+            who = f"trials {_ranges(numbers)}"
+        entries.append(f"{len(group)} {state_word(state)}{f' ({reason})' if reason else ''}: {who}")
+    text = "; ".join(entries[:MAX_LISTED_EXCLUSIONS])
+    if len(entries) > MAX_LISTED_EXCLUSIONS:
+        text += f"; and {len(entries) - MAX_LISTED_EXCLUSIONS} more reasons"
+    retried = _retried(t, bad)
+    again = (f" {retried} of them were trained again later and completed, so their cells are complete."
+             if retried else "")
     return (f"n counts the complete trials in each cell. Excluded from every mean: {counts} of {len(t)} "
-            f"trials — {'; '.join(listed)}{more}.")
+            f"trials — {text}.{again}")
+
+
+def _short_reason(reason: str) -> str:
+    reason = " ".join(str(reason).split())
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1].rstrip() + "…"
+
+
+def _number(row) -> str:
+    return "?" if pd.isna(row["trial_number"]) else str(int(row["trial_number"]))
+
+
+def _settings(row, names: list[str]) -> list[str]:
+    return [f"{k}={format_value(row[k])}" for k in names if k in row and not pd.isna(row[k])]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> '0-3, 7, 9-10'."""
+    runs = []
+    for _, run in itertools.groupby(enumerate(numbers), key=lambda ix: ix[1] - ix[0]):
+        run = [n for _, n in run]
+        runs.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ", ".join(runs)
+
+
+def _retried(t: pd.DataFrame, bad: pd.DataFrame) -> int:
+    """Excluded trials whose configuration and seed have a complete trial too."""
+    keys = [k for k in ("config_key", "seed") if k in t]
+    if "config_key" not in keys:
+        return 0
+    done = set(map(tuple, t.loc[t["state"] == State.COMPLETE, keys].astype(str).values))
+    return sum(tuple(k) in done for k in bad[keys].astype(str).values)
 
 
 def _legend(study: Study, metrics: list[str], marked: bool) -> str:
