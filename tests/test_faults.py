@@ -60,11 +60,11 @@ def running_trial(ws: Path) -> bool:
         return False
 
 
-def assert_consistent(ws: Path) -> None:
+def assert_consistent(ws: Path, cells: set = CELLS) -> None:
     """What the stores promise once an invocation has finished (docs/reliability.md)."""
     ts = trials(ws)
     done = [t for t in ts if t.state.name == "COMPLETE"]
-    assert sorted((t.params["r"], t.params["seed"]) for t in done) == sorted(CELLS)  # none missing, none doubled
+    assert sorted((t.params["r"], t.params["seed"]) for t in done) == sorted(cells)  # none missing, none doubled
     assert not [t for t in ts if t.state.name in ("RUNNING", "WAITING")]
     client = MlflowClient(tracking_uri=mlflow_uri(ws))
     exp = client.get_experiment_by_name(STUDY)
@@ -105,6 +105,25 @@ def test_sigkill_then_one_rerun_finishes_the_grid(tmp_path, space, point, n):
                                  filter_string="tags.`lora_ablate.kind` = 'study'")
     statuses = [r.info.status for r in parents]  # the rerun opens a parent run only if it trains
     assert statuses.count("KILLED") == 1 and set(statuses) <= {"FINISHED", "KILLED"}
+
+
+def test_a_pack_out_of_gpu_memory_is_trained_again_in_halves_and_no_trial_fails(tmp_path, space):
+    """Packs of 4 on a GPU that holds only 2 trials once training is under way (another process took the
+    rest): the pack of 4 is abandoned at its second step and its trials are trained again in two packs of 2;
+    nothing fails, and MLflow has each step of each trial once."""
+    ws = tmp_path / "ws"
+    proc = run_cli([*study_args(ws, space), "--seeds", "2", "--pack", "4"], "oom", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "ran out of GPU memory" in line]
+    assert warnings == ["WARNING lora_ablate.packed.train: pack of 4 ran out of GPU memory at step 2; "
+                        "training its 4 trials again in packs of 2"], proc.stderr[-2000:]
+    cells = {(r, seed) for r in (1, 2, 4) for seed in (0, 1)}
+    assert_consistent(ws, cells)
+    assert sorted(t.state.name for t in trials(ws)) == ["COMPLETE"] * len(cells)  # none FAIL
+    client = MlflowClient(tracking_uri=mlflow_uri(ws))
+    for t in trials(ws):
+        history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "train/loss")
+        assert sorted(m.step for m in history) == [1, 2], (t.number, history)
 
 
 def test_a_live_workers_runs_are_left_alone(tmp_path, space):

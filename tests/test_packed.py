@@ -404,6 +404,91 @@ def test_too_little_data_fails_only_that_trial(base, padded):
     assert results[1].status == "ok"
 
 
+# ----------------------------------------------------------------------------------------- out of GPU memory
+
+
+def _oom(*args, **kw):
+    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+class Recorded(TrialHooks):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_log(self, spec, step, values):
+        self.calls.append((spec.name, "train", step))
+
+    def on_eval(self, spec, step, values):
+        self.calls.append((spec.name, "eval", step))
+
+
+def _oom_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "lora_ablate.packed.train"]
+
+
+def test_a_pack_out_of_memory_is_trained_again_in_halves(base, padded, evaluator, references, monkeypatch,
+                                                         caplog):
+    """Packs of more than one trial run out of memory at their fifth step: the pack of 4 is trained again as
+    two packs of 2, each of those as two of 1; every trial ends as trained alone, the one that finished
+    before the first shrink is kept, refills join the last pack only, and each step reaches the hooks once."""
+    step = Pack.step
+    monkeypatch.setattr(Pack, "step", lambda pack: _oom() if len(pack.slots) > 1 and
+                        max(s.done for s in pack.slots) >= 4 else step(pack))
+    queue = [dataclasses.replace(MIXED[0], name="refill-2"), dataclasses.replace(MIXED[0], name="refill-1")]
+    hooks, told = Recorded(), []
+    results = train_packed(base, MIXED, padded, evaluator, hooks, progress=False,
+                           refill=lambda: queue.pop() if queue else None, on_result=told.append)
+    # mlp-gauss finished at step 4 (refill-1 took its slot); refill-2 joined the last pack of 1, at its end
+    names = ["mlp-gauss", "qv-r2", "qkvo-free", "o-rslora", "refill-1", "refill-2"]
+    assert [r.spec.name for r in results] == names
+    assert sorted(r.spec.name for r in told) == sorted(names) and all(r in told for r in results)
+    for r in results:
+        assert_same_trial(references[r.spec.name if r.spec.name in references else "qv-r2"], r)
+        calls = [c for c in hooks.calls if c[0] == r.spec.name]
+        assert [st for _, kind, st in calls if kind == "train"] == [h["step"] for h in r.history]
+        assert [st for _, kind, st in calls if kind == "eval"] == [e["step"] for e in r.evals]
+    assert _oom_warnings(caplog) == [
+        "pack of 4 ran out of GPU memory at step 5; training its 4 trials again in packs of 2",
+        "pack of 2 ran out of GPU memory at step 5; training its 2 trials again in packs of 1",
+        "pack of 2 ran out of GPU memory at step 5; training its 2 trials again in packs of 1"]
+
+
+def test_a_trial_out_of_memory_alone_fails_with_the_error(base, padded, monkeypatch, caplog):
+    monkeypatch.setattr(Pack, "step", _oom)
+    told = []
+    results = train_packed(base, MIXED[:3], padded, None, progress=False, on_result=told.append)
+    assert [(r.spec.name, r.status, r.error) for r in results] == \
+        [(s.name, "failed", "CUDA out of memory (injected)") for s in MIXED[:3]]
+    assert [r.spec.name for r in told] == [s.name for s in MIXED[:3]]
+    assert _oom_warnings(caplog) == [
+        "pack of 3 ran out of GPU memory at step 1; training its 3 trials again in packs of 2 and 1",
+        "pack of 2 ran out of GPU memory at step 1; training its 2 trials again in packs of 1"]
+
+
+def test_an_evaluation_out_of_memory_is_run_again_in_halves(base, padded, evaluator, references, monkeypatch):
+    """Held-out evaluations of more than one trial run out of memory (and o-rslora's final one even alone):
+    the intermediate and final evaluations of 3 trials are run again 2 + 1, then 1 + 1; only o-rslora
+    fails."""
+    from lora_ablate.packed import train as train_module
+
+    def tight(real, alone_too=""):
+        def call(pack, ev, slots):
+            if len(slots) > 1 or slots[0].spec.name == alone_too:
+                _oom()
+            return real(pack, ev, slots)
+        return call
+
+    monkeypatch.setattr(train_module, "packed_nll", tight(train_module.packed_nll))
+    monkeypatch.setattr(train_module, "packed_reports", tight(train_module.packed_reports, "o-rslora"))
+    results = train_packed(base, MIXED[:3], padded, evaluator, progress=False)
+    assert_same_trial(references["qv-r2"], results[0])
+    assert_same_trial(references["qkvo-free"], results[1])
+    failed = results[2]
+    assert (failed.status, failed.error, failed.final) == ("failed", "CUDA out of memory (injected)", None)
+    (got,), (ref,) = failed.evals, references["o-rslora"].evals  # its intermediate evaluation went through
+    assert got["step"] == ref["step"] and close(got["heldout_instances/nll"], ref["heldout_instances/nll"])
+
+
 def test_compile_failure_falls_back_to_eager(base, unpadded, monkeypatch):
     """If torch.compile breaks, the pack trains eagerly and the result is the eager result; the model's
     blocks are the original modules afterwards."""

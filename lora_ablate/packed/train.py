@@ -1,9 +1,11 @@
 """``train_packed`` (and ``PackedTrainer``, the same behind the ``Trainer`` interface): trials joining the
-pack, the step loop, logging, intermediate and final evaluation, trials leaving (finished, failed, pruned)
-and free slots refilled."""
+pack, the step loop, logging, intermediate and final evaluation, trials leaving (finished, failed, pruned),
+free slots refilled, and a pack that runs out of GPU memory trained again in halves."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import time
 from typing import Callable, Sequence
@@ -20,6 +22,8 @@ from lora_ablate.packed.heldout import packed_nll, packed_reports
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
 from lora_ablate.trial import Trainer, TrialFailed, TrialHooks, TrialPruned, TrialResult, TrialSpec
+
+log = logging.getLogger(__name__)
 
 
 class PackedTrainer(Trainer):
@@ -61,10 +65,43 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     (packed/varlen.py; SDPA models only); default on for a CUDA base, off elsewhere. ``attention`` is
     ``study.attention``: "flex" gives the packed rows a FlexAttention BlockMask (masked tiles are skipped;
     a CUDA SDPA model only, UserError otherwise), "sdpa" and "auto" the boolean mask under SDPA.
+
+    Out of GPU memory (``torch.OutOfMemoryError``, e.g. another process on the GPU took it): a step of a
+    pack of several trials abandons the pack, and its unfinished trials are trained again from step 0 (the
+    same trials: their seeds decide them) in two packs of half its size, one after the other, the second
+    with ``refill``; this halves again where needed. Trials already reported stay as they were, and the
+    retry does not send ``hooks`` the steps the abandoned attempt already sent (MLflow would keep both
+    values of a step, Optuna's pruner would be told a step twice). A held-out evaluation, intermediate or
+    final, is run again on each half of its trials. A trial that runs out of memory alone fails, with the
+    error's line as its reason.
     """
     hooks = hooks or TrialHooks()
     if not specs:
         return []
+    options = dict(compile=compile, lora_dtype=lora_dtype, fused_head=fused_head, cuda_graphs=cuda_graphs,
+                   packing=packing, attention=attention)
+    results, oom = _one_pack(base, specs, data, evaluator, hooks, progress, refill, on_result, **options)
+    if oom is None:
+        return results
+    step, left = oom
+    _free(base.device)
+    half = (len(left) + 1) // 2
+    log.warning("pack of %d ran out of GPU memory at step %d; training its %d trials again in packs of %s",
+                len(left), step, len(left), half if 2 * half == len(left) else f"{half} and {len(left) - half}")
+    results = [r for r in results if all(r is not s.result for s in left)]  # on_result never saw them
+    hooks = _Unreported(hooks, {id(s.spec): s.done for s in left})
+    for part, last in ((left[:half], False), (left[half:], True)):
+        # refills join the last pack only: waiting trials are not held up behind them
+        results += train_packed(base, [s.spec for s in part], data, evaluator, hooks, progress,
+                                refill=refill if last else None, on_result=on_result, **options)
+    return results
+
+
+def _one_pack(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, evaluator, hooks: TrialHooks,
+              progress: bool, refill, on_result, *, compile: bool, lora_dtype, fused_head, cuda_graphs, packing,
+              attention: str) -> tuple[list[TrialResult], tuple[int, list[Slot]] | None]:
+    """``specs`` and their refills trained in one pack: the results and, if a step of several trials ran out
+    of memory, (that step of the pack, its unfinished slots), else None."""
     results: list[TrialResult] = []
     checkpointing = any(s.train.gradient_checkpointing for s in specs)
     cuda = base.device.type == "cuda"
@@ -83,13 +120,14 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
                  packing=packing, flex=flex)
     if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    oom = None
     try:
         joining = [_join(spec, pack, results, on_result) for spec in specs]
         slots = [s for s in joining if s is not None]
         while not slots and refill is not None and (spec := refill()) is not None:
             slots = [s for s in [_join(spec, pack, results, on_result)] if s is not None]
         if slots:
-            _run(pack, slots, evaluator, hooks, progress, refill, results, on_result)
+            oom = _run(pack, slots, evaluator, hooks, progress, refill, results, on_result)
     finally:
         pack.close()
         if checkpointing:
@@ -97,7 +135,31 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
         base.model.eval()
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
-    return results
+    return results, oom
+
+
+def _free(device: torch.device) -> None:
+    """The memory of an attempt that ran out of it, back for the next attempt and for other processes (the
+    collector: an abandoned pack refers to itself through its Steps, so only it frees the pack's tensors)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Unreported(TrialHooks):
+    """``hooks`` for trials trained again, less the steps their abandoned attempt already reported
+    (``reported``: id of the spec -> its steps done then)."""
+
+    def __init__(self, hooks: TrialHooks, reported: dict[int, int]):
+        self.hooks, self.reported = hooks, reported
+
+    def on_train_log(self, spec: TrialSpec, step: int, values: dict) -> None:
+        if step > self.reported.get(id(spec), 0):
+            self.hooks.on_train_log(spec, step, values)
+
+    def on_eval(self, spec: TrialSpec, step: int, values: dict) -> None:
+        if step > self.reported.get(id(spec), 0):
+            self.hooks.on_eval(spec, step, values)
 
 
 def _join(spec: TrialSpec, pack: Pack, results: list, on_result) -> Slot | None:
@@ -114,7 +176,7 @@ def _join(spec: TrialSpec, pack: Pack, results: list, on_result) -> Slot | None:
 
 
 def _run(pack: Pack, slots: list[Slot], evaluator, hooks: TrialHooks, progress: bool, refill,
-         results: list, on_result) -> None:
+         results: list, on_result) -> tuple[int, list[Slot]] | None:
     from tqdm.auto import tqdm
 
     device = pack.device
@@ -127,14 +189,17 @@ def _run(pack: Pack, slots: list[Slot], evaluator, hooks: TrialHooks, progress: 
     pack.relayout(slots)
     bar = tqdm(total=max(s.train.steps for s in slots), desc=f"pack of {len(slots)}", disable=not progress,
                leave=False, mininterval=1.0)
+    oom, steps = None, 0
     while pack.slots:
         try:
             pack.step()
         except torch.OutOfMemoryError as e:
-            for s in pack.slots:
-                _leave(s, "failed", one_line(e), on_result, pack)
-            pack.slots = []
+            if len(pack.slots) > 1:  # train_packed trains them again in smaller packs
+                oom = steps + 1, pack.slots
+            else:
+                _leave(pack.slots[0], "failed", one_line(e), on_result, pack)
             break
+        steps += 1
         bar.update(1)
         leaving = _after_step(pack, evaluator, hooks, on_result)
         if leaving:
@@ -152,6 +217,7 @@ def _run(pack: Pack, slots: list[Slot], evaluator, hooks: TrialHooks, progress: 
             else:
                 pack.slots = []
     bar.close()
+    return oom
 
 
 def _after_step(pack: Pack, evaluator, hooks: TrialHooks, on_result) -> list[Slot]:
@@ -171,9 +237,12 @@ def _after_step(pack: Pack, evaluator, hooks: TrialHooks, on_result) -> list[Slo
         due = [s for s in live if s.done % evaluator.cfg.every == 0 and not s.finished]
         if due:
             t = time.perf_counter()
-            scores = packed_nll(pack, evaluator, due)
+            scores = _in_halves(packed_nll, pack, evaluator, due)
             _evaluating(pack, time.perf_counter() - t)
             for s, nll in zip(due, scores):
+                if isinstance(nll, str):
+                    leaving.append(_leave(s, "failed", nll, on_result, pack))
+                    continue
                 values = {f"{name}/nll": v[0] for name, v in nll.items()}
                 s.result.evals.append({"step": s.done, **values})
                 _hook(s, leaving, on_result, pack, hooks.on_eval, s.spec, s.done, values)
@@ -224,12 +293,11 @@ def _finish(pack: Pack, done: list[Slot], evaluator, leaving: list, on_result) -
     """Final evaluation (packed) and export of the trials that completed their steps."""
     for s in done:
         _stamp(s, pack)
-    try:
-        reports = packed_reports(pack, evaluator, done) if evaluator is not None else [None] * len(done)
-    except torch.OutOfMemoryError as e:
-        leaving += [_leave(s, "failed", one_line(e), on_result, pack) for s in done]
-        return
+    reports = _in_halves(packed_reports, pack, evaluator, done) if evaluator is not None else [None] * len(done)
     for s, report in zip(done, reports):
+        if isinstance(report, str):
+            leaving.append(_leave(s, "failed", report, on_result, pack))
+            continue
         s.result.final = report
         if s.spec.adapter_dir is not None:
             export_adapter(pack, s, s.spec.adapter_dir)
@@ -237,3 +305,19 @@ def _finish(pack: Pack, done: list[Slot], evaluator, leaving: list, on_result) -
         leaving.append(s)
         if on_result:
             on_result(s.result)
+
+
+def _in_halves(evaluate, pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list:
+    """``evaluate(pack, evaluator, slots)`` (packed_nll, packed_reports), run again on each half of ``slots``
+    when it runs out of GPU memory (fewer trials, smaller batches); a trial out of memory alone gets the
+    error's line in place of its result."""
+    try:
+        return evaluate(pack, evaluator, slots)
+    except torch.OutOfMemoryError as e:
+        if len(slots) == 1:
+            return [one_line(e)]
+    _free(pack.device)
+    half = (len(slots) + 1) // 2
+    log.warning("held-out evaluation of %d trials ran out of GPU memory; evaluating them again in halves",
+                len(slots))
+    return _in_halves(evaluate, pack, evaluator, slots[:half]) + _in_halves(evaluate, pack, evaluator, slots[half:])

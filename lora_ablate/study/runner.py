@@ -15,7 +15,8 @@ packed engine accepts any spec mid-pack (targets are unioned and ranks padded wh
 out; batch size, accumulation and schedule stay per trial); only gradient checkpointing and compilation
 are set for the pack by its first trials, which changes memory, not a trial's numbers. One call of the
 trainer therefore usually runs the whole invocation; the loop calls it again when it has drained (no work
-at the time, or an out-of-memory step failed the pack).
+at the time, or a trial alone in its pack ran out of memory; a larger pack that does is trained again in
+halves inside the trainer).
 """
 
 from __future__ import annotations
