@@ -1,6 +1,7 @@
 """Typed experiment configuration: YAML file + dotted ``key=value`` overrides -> frozen dataclasses.
 
-Validation happens once, in each section's ``__post_init__``; after that the config is never mutated
+Validation happens once, in each section's ``__post_init__`` and, for what spans sections (``lora.init=loftq``
+needs ``model.quantization=4bit``), in ``Experiment.__post_init__``; after that the config is never mutated
 (use :func:`replace` to derive a new one, which validates again).
 """
 
@@ -32,11 +33,7 @@ ALPHA_RULES = ("rank", "free", "rslora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEMPLATES = ("alpaca", "chat")
-INITS = ("default", "gaussian", "pissa", "olora")
-# peft's LoftQ quantizes with bitsandbytes on a CUDA device and pairs its adapter with that requantized base
-# (peft has no conversion back to the original one), so it cannot keep this project's standard adapter format
-_LOFTQ_REFUSAL = ("lora.init=loftq is not offered: peft's LoftQ needs bitsandbytes on a CUDA GPU and its adapter "
-                  "only fits the LoftQ-requantized base, not the original one; choose one of: " + ", ".join(INITS))
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTIONS = ("auto", "sdpa", "flex")  # study.attention
@@ -118,7 +115,8 @@ class LoraConfig:
     init: str = _f("default", "LoRA init: default (Kaiming-uniform A, peft's default) or gaussian (B zero); pissa "
                               "or olora (A, B from the base weight's SVD / QR; saved adapters are converted to "
                               "plain LoRA on the original base, the shared base is never changed; both paths, "
-                              "unquantized bases only)")
+                              "unquantized bases only); loftq (model.quantization=4bit only: A, B from the SVD of "
+                              "the 4-bit base's quantization error, a plain LoRA adapter on that same 4-bit base)")
 
     fused_subset: str = _f("refuse", "part of a fused q/k/v matrix (gpt2, gpt_neox, phi3, falcon, bloom): refuse, or "
                                      "rows (one adapter on the matrix, rank r per adapted role, the other roles' "
@@ -139,8 +137,6 @@ class LoraConfig:
         if len(set(self.targets)) != len(self.targets):
             raise UserError(f"lora.targets={list(self.targets)} repeats a target")
         object.__setattr__(self, "targets", canonical_roles(self.targets))
-        if self.init == "loftq":
-            raise UserError(_LOFTQ_REFUSAL)
         _one_of("lora", "init", self.init, INITS)
         _one_of("lora", "fused_subset", self.fused_subset, FUSED_SUBSETS)
 
@@ -301,6 +297,11 @@ class Experiment:
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self):
+        # the checks across sections; each section has judged its own fields already
+        if error := init_error(self.lora.init, self.model.quantization):
+            raise UserError(error)
+
     def to_dict(self) -> dict:
         return to_plain(self)
 
@@ -314,6 +315,15 @@ class Experiment:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Experiment)}
+
+
+def init_error(init: str, quantization: str) -> str | None:
+    """Why ``lora.init`` cannot train on a ``model.quantization`` base (one line), or None: LoftQ needs the
+    4-bit base (the experiment's check, and the training paths' for a spec built without one)."""
+    if init == "loftq" and quantization != "4bit":
+        return ("lora.init=loftq needs model.quantization=4bit (LoftQ initialises the adapter from the 4-bit "
+                f"base's quantization error); got model.quantization={quantization}")
+    return None
 
 
 def to_plain(obj):
@@ -430,6 +440,13 @@ def read_mapping(path: Path, what: str, shape: str) -> dict:
 
 def build_experiment(raw: dict | None = None, overrides: list[str] = ()) -> Experiment:
     """The one place config is validated: merge the raw mapping and the overrides, then type-check."""
+    return Experiment(**build_sections(raw, overrides))
+
+
+def build_sections(raw: dict | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Each section of the raw mapping and the overrides, validated on its own: ``build_experiment`` without
+    the checks across sections, for settings judged before the experiment they join is known (a space's
+    fixed settings and axis values)."""
     merged: dict[str, dict] = {}
     for section, values in (raw or {}).items():
         if section not in SECTIONS:
@@ -442,7 +459,7 @@ def build_experiment(raw: dict | None = None, overrides: list[str] = ()) -> Expe
     for text in overrides:
         section, name, value = parse_override(text)
         merged.setdefault(section, {})[name] = value
-    return Experiment(**{name: _build_section(name, merged.get(name, {})) for name in SECTIONS})
+    return {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> Experiment:

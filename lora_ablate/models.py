@@ -187,6 +187,73 @@ def reload_full_precision(base: LoadedModel) -> LoadedModel:
     return full
 
 
+def unquantized_weights(base: LoadedModel, module_names) -> dict[str, torch.Tensor]:
+    """The full-precision weights [out, in] (fp32, on the CPU) of the projections ``module_names`` of a k-bit
+    ``base``, read one by one from the safetensors checkpoint its k-bit load quantized: the HF folder, the
+    GGUF's dequantized cache (exactly the tensors the k-bit load read) or the hub id's cached snapshot. What
+    LoftQ approximates (lora_ablate/loftq.py). UserError when the source changed since the load or holds no
+    safetensors (a pickled checkpoint cannot be read tensor by tensor)."""
+    from safetensors import safe_open
+
+    if base.name == TINY_MODEL:  # built in-process, never quantized: nothing on disk to read
+        raise UserError("tiny-llama has no checkpoint on disk; save it as an HF folder and give its path")
+    if base_identity(base.name) != base.identity:
+        raise UserError(f"model.name={base.name!r} changed since it was loaded (base identity {base.identity} is "
+                        f"now {base_identity(base.name)}); load it again")
+    folder = _checkpoint_dir(base.name)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        file_of = None
+    elif index.is_file():
+        file_of = json.loads(index.read_text())["weight_map"]
+    else:
+        raise UserError(f"model.name={base.name!r}: {folder} holds no model.safetensors (or its index); the "
+                        "unquantized weights are read from safetensors only")
+    prefix = f"{getattr(base.model, 'base_model_prefix', '')}."
+    out = {}
+    for name in module_names:
+        layer = base.model.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)  # a LoRA or packed wrapper around the k-bit projection
+        key = f"{name}.weight"
+        keys = [key] + ([key[len(prefix):]] if key.startswith(prefix) else [])  # a checkpoint of the bare model
+        found, path = None, single
+        if file_of is None:
+            with safe_open(str(single), framework="pt", device="cpu") as f:
+                found = next((k for k in keys if k in f.keys()), None)
+        elif (found := next((k for k in keys if k in file_of), None)) is not None:
+            path = folder / file_of[found]
+        if found is None:
+            raise UserError(f"model.name={base.name!r}: its checkpoint in {folder} has no tensor {key!r}")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            weight = f.get_tensor(found).float()
+        source = getattr(layer, "source_cls", None)  # transformers' Conv1D (gpt2) stores W as [in, out]
+        if source is not None and source.__name__ == "Conv1D":
+            weight = weight.T.contiguous()
+        shape = (layer.out_features, layer.in_features)
+        if tuple(weight.shape) != shape:
+            raise UserError(f"model.name={base.name!r}: checkpoint tensor {found!r} is {tuple(weight.shape)}, "
+                            f"the loaded {name} is {shape}")
+        out[name] = weight
+    return out
+
+
+def _checkpoint_dir(name: str) -> Path:
+    """The local folder of the checkpoint ``model.name`` loads from: an HF folder, the GGUF's dequantized
+    cache, or the hub id's snapshot in the Hugging Face cache (loading it put it there)."""
+    where, gguf = _locate(name)
+    if gguf:
+        return Path(_dequantized_cache(where, gguf))
+    if Path(where).exists():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(where, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - not in the cache, a bad id: one line either way
+        raise UserError(f"model.name={name!r}: no local snapshot of its checkpoint: {str(e).splitlines()[0]}") \
+            from None
+
+
 def check_base(cfg: ModelConfig) -> torch.nn.Module:
     """What ``load_base`` would refuse, found without loading weights (a parent that only starts workers):
     the device, the quantization, and that the name resolves. Returns the base's skeleton on the meta device,
@@ -286,8 +353,21 @@ def _load_quantized(where: str, mode: str, dtype: torch.dtype, device: torch.dev
                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
     place = (device.index or 0) if device.type == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(where, quantization_config=qcfg, dtype=dtype, device_map={"": place})
+    if place == "cpu":
+        _no_cpu_repack(model)
     # checkpointing is switched on per trial (train.gradient_checkpointing), not here
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _no_cpu_repack(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight in place on its first
+    inference forward for a bf16 kernel; after that no gradient flows through the layer (that kernel has no
+    autograd), activations are rounded to bf16 (logits move by ~1e-3 with the input's last bits), and
+    ``dequantize_4bit`` misreads the weight (LoftQ). A base that was evaluated would then train differently:
+    keep every layer on the dequantizing fp32 path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _dequantized_cache(where: str, gguf: str) -> str:

@@ -18,13 +18,16 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from lora_ablate.config import init_error
 from lora_ablate.data import Encoded
 from lora_ablate.errors import UserError, one_line
 from lora_ablate.evaluation import Evaluator, token_nll
+from lora_ablate.loftq import loftq_factors
 from lora_ablate.models import LoadedModel
 from lora_ablate.targets import resolve_targets
 from lora_ablate.trial import (
     BASE_MUTATING_INITS,
+    DENSE_B_INITS,
     Trainer,
     TrialFailed,
     TrialHooks,
@@ -73,6 +76,9 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
         result.status, result.error = "failed", error
         return result
     check_init(spec, plan, base.quantization)
+    # LoftQ's A0, B0 from the 4-bit weights and the original ones (no RNG: the seed's draws are unchanged)
+    loftq = loftq_factors(base, plan.module_names, spec.lora.r, spec.lora.scaling) \
+        if spec.lora.init == "loftq" else {}
     mutates = spec.lora.init in BASE_MUTATING_INITS
     # PiSSA/OLoRA subtract scale * B0 A0 from each adapted weight: kept here to put the shared base back
     originals = {name: base.model.get_submodule(name).weight.detach().clone() for name in plan.module_names} \
@@ -81,6 +87,7 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
     if spec.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(base.model, lora_config(spec, plan))
+    set_factors(model, loftq)
     masked = fused_row_masks(model, plan, spec.lora.r)
     initial = tempfile.TemporaryDirectory(prefix="lora-init-") if mutates and spec.adapter_dir is not None else None
     try:
@@ -124,15 +131,26 @@ def train_one(base: LoadedModel, spec: TrialSpec, data: Encoded, evaluator: Eval
 
 
 def check_init(spec: TrialSpec, plan, quantization: str) -> None:
-    """Refuse (UserError) a PiSSA/OLoRA init where it cannot be honoured exactly (both training paths)."""
-    if spec.lora.init not in BASE_MUTATING_INITS:
+    """Refuse (UserError) a PiSSA/OLoRA/LoftQ init where it cannot be honoured exactly (both training paths)."""
+    if error := init_error(spec.lora.init, quantization):  # the experiment's check, for a spec built without one
+        raise UserError(error)
+    if spec.lora.init not in DENSE_B_INITS:
         return
     if plan.fused_rows:
         raise UserError(f"lora.init={spec.lora.init} starts from a dense B on the fused matrix, which "
                         f"lora.fused_subset=rows must keep zero outside the adapted roles' rows; use all of q, k, v")
-    if quantization != "none":
+    if spec.lora.init in BASE_MUTATING_INITS and quantization != "none":
         raise UserError(f"lora.init={spec.lora.init} rewrites the adapted base weights, which a "
                         f"{quantization} base cannot give back exactly; use model.quantization=none")
+
+
+def set_factors(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give the peft ``model``'s LoRA layers on the named modules their A0, B0 (LoftQ's), in place."""
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layer = model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
 
 
 def lora_config(spec: TrialSpec, plan):

@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_ablate.config import Experiment, LoraConfig, TrainConfig, build_experiment, load_yaml, read_mapping, replace
+from lora_ablate.config import (
+    Experiment,
+    LoraConfig,
+    TrainConfig,
+    build_experiment,
+    build_sections,
+    load_yaml,
+    read_mapping,
+    replace,
+)
 from lora_ablate.errors import UserError, choices
 from lora_ablate.vocab import ROLES, SEED_KEY, targets_text, unknown_roles
 
@@ -186,6 +195,18 @@ class Space:
     def describe(self) -> str:
         return "; ".join(a.describe() for a in self.axes)
 
+    def check_axes(self, exp: Experiment) -> None:
+        """Every value (or bound) of every axis set on the study's experiment ``exp``: what the space's file
+        could not judge alone, the checks across sections (lora.init=loftq needs model.quantization=4bit),
+        refused in one UserError line before the study starts."""
+        for axis in self.axes:
+            section, name = axis.key.split(".", 1)
+            for value in axis.values or (axis.low, axis.high):
+                try:
+                    replace(exp, **{section: {name: axis.config_value(value)}})
+                except UserError as e:
+                    raise UserError(f"space {self.name}: axis {axis.key}: {e}") from None
+
 
 def budget_rank(params_per_rank: Callable[[tuple[str, ...]], int], targets: tuple[str, ...], budget: Budget) -> int:
     """The rank that gives ``targets`` the trainable parameters of rank ``budget.r`` on ``budget.targets``.
@@ -276,9 +297,11 @@ def _nest(flat: dict) -> dict:
 
 
 def _check_config(where: str, what: str, raw: dict) -> None:
-    """Let config validation judge the values; prefix its one-line message with where they came from."""
+    """Let config validation judge the values, each section on its own (what spans sections, e.g. lora.init=loftq
+    on a 4-bit base, is judged on the study's experiment: ``check_axes``); prefix its one-line message with
+    where they came from."""
     try:
-        build_experiment(raw)
+        build_sections(raw)
     except UserError as e:
         raise UserError(f"{where}: {what}: {e}") from None
 

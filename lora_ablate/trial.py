@@ -90,6 +90,9 @@ class Trainer(ABC):
 # inits that start from A0, B0 != 0 and so subtract scale * B0 A0 from the base weight they adapt (peft's
 # PiSSA, OLoRA): a trial must put the shared base back, and its saved adapter is converted to plain LoRA
 BASE_MUTATING_INITS = ("pissa", "olora")
+# inits whose B0 is not zero: the base-mutating ones, and LoftQ (A0, B0 from the 4-bit base's quantization
+# error; the base is left as it is, the adapter is plain LoRA on it: lora_ablate/loftq.py)
+DENSE_B_INITS = (*BASE_MUTATING_INITS, "loftq")
 
 
 def peft_config(lora: LoraConfig, target_modules, fused: tuple[str, int] | None = None):
@@ -99,7 +102,10 @@ def peft_config(lora: LoraConfig, target_modules, fused: tuple[str, int] | None 
 
     import peft
 
-    init = {"default": True}.get(lora.init, lora.init)  # gaussian, pissa, olora are peft's own names
+    # gaussian, pissa, olora are peft's own names; loftq's layers are made with the default init and then given
+    # their A0, B0 (peft's "loftq" would quantize an unquantized base itself), so its saved adapter says True,
+    # which is what a stock reload on the 4-bit base needs
+    init = {"default": True, "loftq": True}.get(lora.init, lora.init)
     patterns = {}
     if fused is not None:
         rank = lora.r * fused[1]

@@ -55,7 +55,11 @@ CASES = [
     ("lora.targets empty", [*TRAIN, "lora.targets=[]"], ["lora.targets", "q, k, v, o"]),
     ("lora.targets unknown", [*TRAIN, "lora.targets=[q,z]"], ["'z'", "q, k, v, o"]),
     ("lora.targets repeat", [*TRAIN, "lora.targets=[q,q]"], ["['q', 'q']", "repeats"]),
-    ("lora.init", [*TRAIN, "lora.init=xavier"], ["xavier", "default, gaussian"]),
+    ("lora.init", [*TRAIN, "lora.init=xavier"], ["xavier", "default, gaussian, pissa, olora, loftq"]),
+    ("lora.init loftq unquantized", [*TRAIN, "lora.init=loftq"], ["lora.init=loftq needs model.quantization=4bit",
+                                                                  "got model.quantization=none"]),
+    ("lora.init loftq 8bit", [*TRAIN, "lora.init=loftq", "model.quantization=8bit"],
+     ["lora.init=loftq", "got model.quantization=8bit"]),
     ("lora.r above width", [*TRAIN, "lora.r=100000"], ["lora.r=100000", "v_proj", "32x64", "<= 32"]),
     ("train.steps", [*TRAIN, "train.steps=0"], ["train.steps=0"]),
     ("train.batch_size", [*TRAIN, "train.batch_size=-2"], ["train.batch_size=-2"]),
@@ -150,6 +154,8 @@ CASES = [
     ("workspace /proc", [*STUDY[:2], "/proc/lora-ws", *STUDY[3:]], ["/proc/lora-ws", "system folder"]),
     ("workspace /sys", [*STUDY[:2], "/sys/lora-ws", *STUDY[3:]], ["/sys/lora-ws", "system folder"]),
     ("study rank above width", [*STUDY, "--space", "{tmp}/wide.yaml"], ["lora.r=100000", "<= 32"]),
+    ("space loftq axis", [*STUDY, "--space", "{tmp}/loftq.yaml"], ["space loftq: axis lora.init: lora.init=loftq",
+                                                                   "model.quantization=none"]),
     ("workers rank above width", [*STUDY, "--workers", "2", "--space", "{tmp}/wide.yaml"], ["lora.r=100000", "<= 32"]),
     ("resume other objective", ["study", "--workspace", "{ws}", "--space", "{space}", "--study-name", "{study}",
                                 "--storage", "{storage}", "--tracking-uri", "{tracking}", "--quiet", *TINY,
@@ -232,6 +238,7 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "section.yaml").write_text("optimizer: {lr: 1}\n")
     (tmp / "badaxis.yaml").write_text("axes:\n  lora.rr: {grid: [1, 2]}\n")
     (tmp / "wide.yaml").write_text("axes:\n  lora.r: {grid: [100000]}\n")
+    (tmp / "loftq.yaml").write_text("axes:\n  lora.init: {grid: [default, loftq]}\n")
     jsonl("pool.jsonl", [{"template": "a_x", "prompt": "p", "completion": "c"}])
     (tmp / "badsplit.yaml").write_text(f"pool: {tmp}/pool.jsonl\ngroup_by: template\nprefixes: [a]\ndedupe: fuzzy\n")
     (tmp / "badgen.yaml").write_text("source: builtin:heldout_tasks\ngenerate: maybe\n")
@@ -368,7 +375,8 @@ def _run(argv, cwd: Path) -> subprocess.CompletedProcess:
     (["study", "--workspace", "{tmp}/afile", "--quiet", *TINY], "a file, not a folder"),
     (["export", "--study", "x", "--tracking-uri", "foo://x/y"], "unknown scheme 'foo'"),
     (["train", "--out", "{tmp}/out", *TINY, "data.train={tmp}/empty.jsonl"], "is empty"),
-], ids=["study-workspace-file", "export-tracking-scheme", "train-empty-data"])
+    (["train", "--out", "{tmp}/out", *TINY, "lora.init=loftq"], "lora.init=loftq needs model.quantization=4bit"),
+], ids=["study-workspace-file", "export-tracking-scheme", "train-empty-data", "train-loftq-unquantized"])
 def test_bad_input_end_to_end(argv, expected, tmp_path):
     """A real process: exit status 2, one line on stderr, no traceback."""
     _write_inputs(tmp_path)

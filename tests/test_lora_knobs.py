@@ -123,9 +123,3 @@ def test_pissa_starts_where_the_base_is(run_trial, tiny_base):
     probe = _LogitsProbe(tiny_base.tokenizer)
     result = run_trial(lora={"init": "pissa", "r": 4}, train={"steps": 1, "lr": 1e-9}, evaluator=probe)
     torch.testing.assert_close(result.final, logits_of(tiny_base.model, tiny_base.tokenizer), rtol=0, atol=1e-5)
-
-
-def test_loftq_refused_in_one_line():
-    with pytest.raises(UserError) as e:
-        LoraConfig(init="loftq")
-    assert "\n" not in str(e.value) and "bitsandbytes" in str(e.value) and "pissa" in str(e.value)

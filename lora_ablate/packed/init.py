@@ -1,6 +1,6 @@
 """LoRA initialisation identical to peft's: A by the same RNG calls, shapes and order as ``get_peft_model``;
 PiSSA/OLoRA's A0, B0 by peft's own layer code on a copy of each base projection (the shared base is never
-changed)."""
+changed); LoftQ's A0, B0 from lora_ablate/loftq.py, as the reference path takes them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lora_ablate.loftq import loftq_factors
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.layers import PackedLoraLinear, _features
 from lora_ablate.trial import BASE_MUTATING_INITS, TrialSpec, peft_config
@@ -18,17 +19,22 @@ from lora_ablate.trial import BASE_MUTATING_INITS, TrialSpec, peft_config
 def initial_factors(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
                     ranks: Mapping[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """name -> (A0 [r, in], B0 [out, r]) as peft's ``get_peft_model`` initialises them for ``spec`` after
-    ``torch.manual_seed(seed)``; B0 None where peft zeroes it (default, gaussian). ``ranks``: a module's rank
-    where it is not ``lora.r`` (a part-adapted fused matrix: r per adapted role, peft's rank_pattern)."""
+    ``torch.manual_seed(seed)`` (LoftQ: as train_one sets them after it); B0 None where peft zeroes it
+    (default, gaussian). ``ranks``: a module's rank where it is not ``lora.r`` (a part-adapted fused matrix:
+    r per adapted role, peft's rank_pattern)."""
     if spec.lora.init in BASE_MUTATING_INITS:
         return _base_mutating_factors(base, spec, module_names)
-    return {name: (a, None) for name, a in initial_A(base, spec, module_names, ranks).items()}
+    a = initial_A(base, spec, module_names, ranks)  # for LoftQ too: its A0 replaces peft's draws, which stay drawn
+    if spec.lora.init == "loftq":
+        # non-zero starting values of the trained factors, nothing frozen (the 4-bit base is LoftQ's base)
+        return loftq_factors(base, module_names, spec.lora.r, spec.lora.scaling)
+    return {name: (a[name], None) for name in module_names}
 
 
 def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
               ranks: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """The LoRA A matrices peft's ``get_peft_model`` creates for ``spec`` (init default or gaussian) after
-    ``torch.manual_seed(seed)``; ``ranks`` as for ``initial_factors``.
+    ``torch.manual_seed(seed)`` (loftq: the default's); ``ranks`` as for ``initial_factors``.
 
     peft builds, per adapted module in model order, ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (each
     constructor draws a Kaiming-uniform init from the CPU generator), then re-draws A (Kaiming-uniform
@@ -44,7 +50,7 @@ def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
         a = torch.empty(r, in_f)
         torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r) constructor
         torch.nn.init.kaiming_uniform_(torch.empty(out_f, r), a=math.sqrt(5))  # nn.Linear(r, out) constructor
-        if spec.lora.init == "default":
+        if spec.lora.init in ("default", "loftq"):
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         else:
             torch.nn.init.normal_(a, std=1 / r)

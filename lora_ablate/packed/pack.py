@@ -150,20 +150,19 @@ class Pack:
         return out
 
     def _initial_rows(self, slot: Slot, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The slot's starting weights row, and its frozen A0, B0 row when its B0 is not zero (else None)."""
+        """The slot's starting weights row, and its frozen A0, B0 row when its init subtracts them from the base
+        (PiSSA, OLoRA; else None: LoftQ's non-zero B0 is just where B starts)."""
         row = torch.zeros(1, layout.numel)
         blocks = layout.blocks(row)
         names = [n for n in layout.names if n in slot.modules]
-        dense = False
         for name, (a, b) in initial_factors(self.base, slot.spec, names, {n: slot.rank(n) for n in names}).items():
             r = slot.rank(name)
             blocks[name][0][0, :r] = a
             if b is not None:  # else B stays zero, as peft initialises it
                 blocks[name][1][0, :, :r] = b
-                dense = True
         row = row[0].to(self.device)
         # trained from A0, B0 and corrected by them, frozen: W0 + s (B A - B0 A0), peft's W_res + s B A
-        return row, (row.clone() if dense else None)
+        return row, (row.clone() if slot.spec.lora.init in BASE_MUTATING_INITS else None)
 
     def plan(self, targets: tuple, fused_subset: str = "refuse") -> TargetPlan:
         """resolve_targets on the bare base (the wrappers would hide the projections from it)."""

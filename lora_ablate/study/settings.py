@@ -50,6 +50,7 @@ def objective_of(exp: Experiment) -> Objective:
 
 def check_study(exp: Experiment, space: Space) -> Objective:
     """Everything about a study that can be wrong before anything is written or loaded."""
+    space.check_axes(exp)
     objective = objective_of(exp)
     if exp.study.pruner != "none" and not exp.eval.every:
         raise UserError(f"study.pruner={exp.study.pruner} prunes on intermediate held-out loss; set eval.every=N "
