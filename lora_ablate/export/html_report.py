@@ -11,7 +11,7 @@ import html
 from pathlib import PurePath
 
 from lora_ablate.export.plots import Plot
-from lora_ablate.export.tables import Table, to_html
+from lora_ablate.export.tables import Table, to_html, trained_again
 from lora_ablate.export.tracked import Study
 from lora_ablate.vocab import state_word
 
@@ -45,7 +45,8 @@ def report_meta(study: Study) -> list[tuple[str, str]]:
     counts = study.counts()
     meta = [("tracking", study.display_uri), ("objective", f"{study.objective} ({study.direction()})"),
             ("axes", ", ".join(a.label for a in study.axes) or "(single configuration)"),
-            ("trials", ", ".join(f"{n} {state_word(s)}" for s, n in sorted(counts.items())))]
+            ("trials", ", ".join(f"{n} {state_word(s)}" for s, n in sorted(counts.items()))
+             + (f" ({again} of them trained again and completed later)" if (again := trained_again(study)) else ""))]
     if space_text(study.tags):
         meta.append(("space", space_text(study.tags)))
     return meta + [(k, study.tags[f"lora_ablate.{k}"]) for k in META_TAGS if study.tags.get(f"lora_ablate.{k}")]

@@ -156,7 +156,7 @@ def exclusions(study: Study) -> str:
     text = "; ".join(entries[:MAX_LISTED_EXCLUSIONS])
     if len(entries) > MAX_LISTED_EXCLUSIONS:
         text += f"; and {len(entries) - MAX_LISTED_EXCLUSIONS} more reasons"
-    retried = _retried(t, bad)
+    retried = trained_again(study)
     again = (f" {retried} of them were trained again later and completed, so their cells are complete."
              if retried else "")
     return (f"n counts the complete trials in each cell. Excluded from every mean: {counts} of {len(t)} "
@@ -185,8 +185,11 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(runs)
 
 
-def _retried(t: pd.DataFrame, bad: pd.DataFrame) -> int:
-    """Excluded trials whose configuration and seed have a complete trial too."""
+def trained_again(study: Study) -> int:
+    """Trials not complete whose configuration and seed have a complete trial too (a resumed study trained
+    them again)."""
+    t = study.trials
+    bad = t[t["state"] != State.COMPLETE]
     keys = [k for k in ("config_key", "seed") if k in t]
     if "config_key" not in keys:
         return 0
