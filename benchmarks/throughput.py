@@ -9,6 +9,16 @@ of exactly 256 tokens, every token labelled, so a step is 8 * 256 real tokens pe
 q/k/v/o. Each configuration runs ``--warmup`` untimed steps and then ``--steps`` timed ones; the clock
 is read in the training-log hook, right after the loss is read back (a device sync).
 
+Variable-length rows (``varlen``, what a study trains on): instruction examples at their own lengths, cut at
+``--varlen-length`` (384) tokens with the prompt masked - the T0 prompt/completion pairs of a prepared study
+data folder (``--varlen-data <folder>/train.jsonl``, from ``benchmarks/study.py --data-out``) or the built-in
+records - trained by a pack of ``--varlen-packs`` (21) trials with sequence packing (each trial's micro-batch
+concatenated into one row under a document mask; the GPU default) and padded (every row padded to the
+step's longest example), compiled on a GPU as a study is, against HF Trainer + peft on the same examples
+with dynamic padding. Their tokens are real (non-padding) tokens: counted exactly over the timed steps for
+lora_ablate's trials (the seeded batch order is known), and for the Trainer estimated as the mean example
+length x batch x steps (its sampler's order is its own).
+
 Reported per configuration: tokens/s per trial and in aggregate, ratio to the HF Trainer baseline, MFU
 against a measured bf16 matmul ceiling (model FLOPs per token = 4 x parameters: the frozen base does a
 forward and an activation-gradient backward, no weight gradients), and peak memory per trial
@@ -59,6 +69,9 @@ class Setup:
     compiled: list[int]
     smoke: bool
     eager: list[int]
+    varlen_source: str = "builtin:train"
+    varlen_length: int = 384
+    varlen_packs: tuple[int, ...] = (21,)
 
 
 def fixed_length_rows(tokenizer, seq: int, records: int) -> Encoded:
@@ -70,6 +83,25 @@ def fixed_length_rows(tokenizer, seq: int, records: int) -> Encoded:
         stream += encode(ex, tokenizer, "alpaca", 10**6)[0]
     rows = [stream[i:i + seq] for i in range(0, len(stream) - seq + 1, seq)]
     return Encoded(rows, [list(r) for r in rows])
+
+
+def variable_length_rows(tokenizer, seq: int, source: str, records: int) -> Encoded:
+    """Instruction examples at their own lengths (at most ``seq`` tokens, prompt masked), as a study encodes
+    them: ``source`` is a prompt/completion JSONL or ``builtin:train``."""
+    from lora_ablate.config import DataConfig
+    from lora_ablate.data import encode_all
+
+    fields = {} if source.startswith("builtin:") else {"prompt": "prompt", "completion": "completion"}
+    return encode_all(load_examples(source, fields, size=records, seed=0), tokenizer, DataConfig().template, seq)
+
+
+def timed_real_tokens(data: Encoded, spec: TrialSpec, setup: Setup) -> int:
+    """The real tokens of ``spec``'s timed steps (steps warmup+1 .. warmup+steps of its seeded batch order)."""
+    from lora_ablate.trial import batch_order
+
+    order = batch_order(len(data), spec.train.batch_size, spec.train.seed)
+    batches = [next(order) for _ in range(setup.warmup + setup.steps)][setup.warmup:]
+    return sum(len(data.input_ids[i]) for b in batches for i in b)
 
 
 def lora_spec(setup: Setup, seed: int = 0) -> TrialSpec:
@@ -136,8 +168,9 @@ class Clock(TrialHooks):
         return self.at[total] - self.at[warmup]
 
 
-def measure(name: str, setup: Setup, run, trials: int) -> dict:
-    """Run ``run(hooks)`` (training ``trials`` trials of warmup + steps steps) and time the steady part."""
+def measure(name: str, setup: Setup, run, trials: int, tokens: list[int] | None = None) -> dict:
+    """Run ``run(hooks)`` (training ``trials`` trials of warmup + steps steps) and time the steady part;
+    ``tokens``: each trial's real tokens in the timed steps (default: fixed rows, steps x batch x seq)."""
     clock = Clock()
     reset_peak(setup.device)
     t0 = time.perf_counter()
@@ -146,16 +179,17 @@ def measure(name: str, setup: Setup, run, trials: int) -> dict:
     if failed:
         raise RuntimeError(f"{len(failed)} trial(s) {failed[0].status}: {failed[0].error}")
     seconds = clock.window(setup.warmup, setup.warmup + setup.steps)
-    tokens = setup.steps * setup.batch * setup.seq
+    total = sum(tokens) if tokens is not None else setup.steps * setup.batch * setup.seq * trials
     peak = peak_mb(setup.device)
     return {"name": name, "trials": trials, "steps_timed": setup.steps, "seconds": seconds,
-            "tokens_per_s_per_trial": tokens / seconds, "tokens_per_s_aggregate": tokens * trials / seconds,
+            "tokens_per_s_per_trial": total / trials / seconds, "tokens_per_s_aggregate": total / seconds,
             "peak_mem_mb_per_trial": peak / trials if peak is not None else None,
             "warmup_seconds": clock.at[setup.warmup] - t0}
 
 
-def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
-    """transformers Trainer on a plain peft model: the same rows, LoRA, batch and learning rate."""
+def hf_trainer_baseline(base, data: Encoded, setup: Setup, name: str = "hf_trainer_peft") -> dict:
+    """transformers Trainer on a plain peft model: the same rows (their labels; padded per batch to its
+    longest row, as the usual dynamic padding does), LoRA, batch and learning rate."""
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -163,8 +197,15 @@ def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
     plan = resolve_targets(base.model, spec.lora.targets)
     torch.manual_seed(0)
     model = get_peft_model(base.model, peft_config(spec.lora, plan.target_modules))
-    rows = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r),
-             "attention_mask": torch.ones(len(r), dtype=torch.long)} for r in data.input_ids]
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(data.input_ids, data.labels)]
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        grid = lambda key, fill: torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in batch])  # noqa: E731
+        return {"input_ids": grid("input_ids", pad), "labels": grid("labels", -100),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                for r in batch])}
     stamps: dict[int, float] = {}
 
     class Stamp(TrainerCallback):
@@ -183,14 +224,14 @@ def hf_trainer_baseline(base, data: Encoded, setup: Setup) -> dict:
                                      dataloader_num_workers=0, remove_unused_columns=False, seed=0)
             reset_peak(setup.device)
             t0 = time.perf_counter()
-            Trainer(model=model, args=args, train_dataset=rows, callbacks=[Stamp()]).train()
+            Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Stamp()]).train()
     finally:
         base.model = model.unload()
         base.model.eval()
     seconds = stamps[setup.warmup + setup.steps] - stamps[setup.warmup]
-    tokens = setup.steps * setup.batch * setup.seq
+    tokens = setup.steps * setup.batch * statistics.mean(len(r) for r in data.input_ids)  # expected real tokens
     peak = peak_mb(setup.device)
-    return {"name": "hf_trainer_peft", "trials": 1, "steps_timed": setup.steps, "seconds": seconds,
+    return {"name": name, "trials": 1, "steps_timed": setup.steps, "seconds": seconds,
             "tokens_per_s_per_trial": tokens / seconds, "tokens_per_s_aggregate": tokens / seconds,
             "peak_mem_mb_per_trial": peak, "warmup_seconds": stamps[setup.warmup] - t0}
 
@@ -243,11 +284,13 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        base = next((r for r in self.data["rows"] if r["name"] == "hf_trainer_peft" and not r.get("error")), None)
+        ok = {r["name"]: r for r in self.data["rows"] if not r.get("error")}
         ceiling, fpt = self.data.get("ceiling_tflops"), self.data["flops_per_token"]
         for r in self.data["rows"]:
             if r.get("error"):
                 continue
+            # variable-length rows against the Trainer on the same examples, the rest against fixed rows
+            base = ok.get(VARLEN_BASELINE if r["name"].startswith("varlen_") else "hf_trainer_peft")
             r["ratio_to_baseline"] = (r["tokens_per_s_aggregate"] / base["tokens_per_s_aggregate"]) if base else None
             r["ratio_per_trial_to_baseline"] = (r["tokens_per_s_per_trial"] / base["tokens_per_s_per_trial"]
                                                 if base else None)
@@ -266,7 +309,12 @@ class Report:
         best_pack = max(packs, key=lambda r: r["tokens_per_s_aggregate"], default=None)
         mem = [r["peak_mem_mb_per_trial"] for r in packs if r.get("peak_mem_mb_per_trial") is not None]
         study = self.data.get("study", {})
+        varlen = max((r for n, r in rows.items() if n.startswith("varlen_k")), default=None,
+                     key=lambda r: r["tokens_per_s_aggregate"])
         return {
+            "varlen_best": varlen["name"] if varlen else None,
+            "varlen_best_real_tokens_per_s": varlen["tokens_per_s_aggregate"] if varlen else None,
+            "varlen_ok": None if not varlen else varlen["trials"] >= 21 and varlen["tokens_per_s_aggregate"] >= 3e5,
             "fast_single_x_baseline": best_fast, "fast_single_ok": None if best_fast is None else best_fast >= 8,
             "best_pack": best_pack["name"] if best_pack else None,
             "best_pack_x_baseline": best_pack.get("ratio_to_baseline") if best_pack else None,
@@ -322,7 +370,8 @@ def attempt(report: Report, name: str, fn) -> dict | None:
 # ----------------------------------------------------------------------------------------- main
 
 
-PARTS = ("baseline", "single", "eager", "packed", "auto", "compiled", "profile", "study")
+PARTS = ("baseline", "single", "eager", "packed", "auto", "compiled", "varlen", "profile", "study")
+VARLEN_BASELINE = "varlen_hf_trainer_peft"
 
 
 def parse(argv) -> argparse.Namespace:
@@ -339,6 +388,11 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS[:-2]), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--study", action="store_true", help="also time the default rank study (adds 'study')")
     p.add_argument("--study-pack", type=int, default=0, help="pack size for the study (0: auto, at most 21)")
+    p.add_argument("--varlen-data", default="builtin:train",
+                   help="prompt/completion JSONL for the variable-length rows (e.g. <benchmarks/study.py "
+                        "--data-out folder>/train.jsonl); default the built-in records")
+    p.add_argument("--varlen-length", type=int, default=384, help="variable-length rows: max tokens an example")
+    p.add_argument("--varlen-packs", default=None, help="variable-length rows: pack sizes K (default 21; CPU 2)")
     p.add_argument("--no-cudnn-attention", action="store_true",
                    help="keep SDPA off its cuDNN backend (flash instead), to compare attention kernels")
     args = p.parse_args(argv)
@@ -359,7 +413,8 @@ def main(argv=None) -> dict:
     compiled = args.compiled if args.compiled is not None else ("" if smoke else "1,16,32")
     setup = Setup(device, "tiny-llama" if smoke else "smollm2-135m-instruct", 64 if smoke else 256, 8, warmup, steps,
                   [int(k) for k in args.packs.split(",") if k], [int(k) for k in compiled.split(",") if k], smoke,
-                  [int(k) for k in args.eager.split(",") if k])
+                  [int(k) for k in args.eager.split(",") if k], args.varlen_data, args.varlen_length,
+                  tuple(int(k) for k in (args.varlen_packs or ("2" if smoke else "21")).split(",") if k))
     parts = set(args.parts.split(",")) | ({"study"} if args.study else set())
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -429,20 +484,43 @@ def _throughput(report: Report, setup: Setup, parts: set[str]) -> None:
         for k in setup.compiled:
             attempt(report, f"packed_k{k}_compiled", lambda k=k: pack_row(f"packed_k{k}_compiled", base, data, setup,
                                                                            k, compile=True))
+    if "varlen" in parts:
+        _variable_length(report, base, setup)
     if "profile" in parts:
         report.data["profile"] = profile(base, data, setup)
         report.save()
 
 
-def pack_row(name: str, base, data: Encoded, setup: Setup, k: int, **options) -> dict:
+def _variable_length(report: Report, base, setup: Setup) -> None:
+    """The variable-length rows: the Trainer with dynamic padding, then packs of K with sequence packing and
+    padded (compiled on a GPU, as a study trains)."""
+    data = variable_length_rows(base.tokenizer, setup.varlen_length, setup.varlen_source, 0 if not setup.smoke
+                                else 200)
+    lengths = sorted(len(ids) for ids in data.input_ids)
+    report.data["varlen"] = {"source": setup.varlen_source, "max_length": setup.varlen_length, "examples": len(data),
+                             "tokens_mean": statistics.mean(lengths), "tokens_median": statistics.median(lengths),
+                             "tokens_max": lengths[-1]}
+    report.save()
+    attempt(report, VARLEN_BASELINE, lambda: hf_trainer_baseline(base, data, setup, VARLEN_BASELINE))
+    for k in setup.varlen_packs:
+        for packing in (True, False):
+            name = f"varlen_k{k}_{'packed' if packing else 'padded'}"
+            attempt(report, name, lambda k=k, name=name, packing=packing: pack_row(
+                name, base, data, setup, k, real_tokens=True, packing=packing, compile=not setup.smoke))
+
+
+def pack_row(name: str, base, data: Encoded, setup: Setup, k: int, real_tokens: bool = False, **options) -> dict:
     """One pack of ``k`` copies of the benchmark trial (different seeds) with ``train_packed``'s ``options``;
-    a torch.compile or CUDA-graph fallback to eager is reported in the row."""
+    a torch.compile or CUDA-graph fallback to eager is reported in the row. ``real_tokens``: count each
+    trial's real tokens of the timed steps (variable-length data) instead of steps x batch x seq."""
     caught = _Warnings()
     logger = logging.getLogger("lora_ablate.packed")
     logger.addHandler(caught)
+    specs = [lora_spec(setup, seed=i) for i in range(k)]
+    tokens = [timed_real_tokens(data, spec, setup) for spec in specs] if real_tokens else None
     try:
-        row = measure(name, setup, lambda clock: train_packed(
-            base, [lora_spec(setup, seed=i) for i in range(k)], data, None, clock, progress=False, **options), k)
+        row = measure(name, setup, lambda clock: train_packed(base, specs, data, None, clock, progress=False,
+                                                              **options), k, tokens)
     finally:
         logger.removeHandler(caught)
     fallback = [m for m in caught.messages if "failed" in m]

@@ -539,6 +539,13 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
         assert math.isclose(row["tokens_per_s_aggregate"], row["tokens_per_s_per_trial"] * row["trials"], rel_tol=1e-9)
         assert row["ratio_to_baseline"] > 0 and 0 < row["mfu"]
     assert report["ceiling_tflops"] > 0
+    # variable-length rows: real tokens, below what fixed rows of the longest example would count
+    assert {"varlen_hf_trainer_peft", "varlen_k2_packed", "varlen_k2_padded"} <= set(rows), rows
+    assert report["varlen"]["tokens_mean"] < report["varlen"]["tokens_max"] <= 384
+    for name in ("varlen_k2_packed", "varlen_k2_padded"):
+        tokens = rows[name]["tokens_per_s_aggregate"] * rows[name]["seconds"]
+        assert 0 < tokens < 2 * rows[name]["steps_timed"] * 8 * report["varlen"]["tokens_max"]
+    assert report["targets"]["varlen_best"] in ("varlen_k2_packed", "varlen_k2_padded")
     assert report["study"]["ok"] == report["study"]["trials"] == 2
     assert report["targets"]["best_pack"] in rows and report["targets"]["study_seconds"] > 0
 
