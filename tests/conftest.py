@@ -232,3 +232,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny-llama as an HF folder: a k-bit load reads it, and so do its full-precision reload and LoftQ (the
+    unquantized weights in its model.safetensors)."""
+    from lora_ablate.tiny import tiny_llama
+
+    model, tok = tiny_llama()
+    where = tmp_path_factory.mktemp("kbit") / "tiny"
+    model.save_pretrained(where)
+    tok.save_pretrained(where)
+    return where
+
+
+@pytest.fixture
+def cpu_kbit(monkeypatch):
+    """bitsandbytes k-bit layers on the CPU (models.load_base refuses them there without the opt-in)."""
+    from lora_ablate.models import KBIT_CPU_ENV
+
+    monkeypatch.setenv(KBIT_CPU_ENV, "1")

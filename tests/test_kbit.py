@@ -22,26 +22,9 @@ from lora_ablate.config import ModelConfig
 from lora_ablate.errors import UserError
 from lora_ablate.merge import heldout_batches, kbit_merge_loss, logit_difference
 from lora_ablate.models import KBIT_CPU_ENV, load_base, reload_full_precision
+from tests.probes import TEXTS
 
 bnb = pytest.importorskip("bitsandbytes")
-TEXTS = ("### Instruction:\nReverse the word.\n\n### Response:\nelppa", "the of and 12 apple")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """tiny-llama as an HF folder: a k-bit load and its full-precision reload both read it."""
-    from lora_ablate.tiny import tiny_llama
-
-    model, tok = tiny_llama()
-    where = tmp_path_factory.mktemp("kbit") / "tiny"
-    model.save_pretrained(where)
-    tok.save_pretrained(where)
-    return where
-
-
-@pytest.fixture
-def cpu_kbit(monkeypatch):
-    monkeypatch.setenv(KBIT_CPU_ENV, "1")
 
 
 def batches(tok, device="cpu"):

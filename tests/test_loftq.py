@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,30 +16,13 @@ from lora_ablate.config import LoraConfig, ModelConfig, TrainConfig, build_exper
 from lora_ablate.errors import UserError
 from lora_ablate.models import KBIT_CPU_ENV, load_base
 from lora_ablate.trial import TrialSpec
+from tests.probes import LogitsProbe, logits_of
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
 
-TEXTS = ["### Instruction:\nReverse the word.\n\n### Response:\nelppa", "the of and 12 apple"]
 ALL = ("q", "k", "v", "o", "mlp")
 REL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """tiny-llama as an HF folder (its model.safetensors holds the unquantized weights LoftQ reads)."""
-    from lora_ablate.tiny import tiny_llama
-
-    model, tok = tiny_llama()
-    where = tmp_path_factory.mktemp("loftq") / "tiny"
-    model.save_pretrained(where)
-    tok.save_pretrained(where)
-    return where
-
-
-@pytest.fixture
-def cpu_kbit(monkeypatch):
-    monkeypatch.setenv(KBIT_CPU_ENV, "1")
 
 
 def load_4bit(where):
@@ -57,28 +39,6 @@ def kbit_base(tiny_dir):
     yield base
     assert not any("lora" in n for n, _ in base.model.named_modules()), "LoRA layers left in the base"
     assert not base.model.training, "base left in training mode"
-
-
-def logits_of(model, tok):
-    batch = tok(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-class _LogitsProbe:
-    """Stands in for the evaluator: the trained model's logits, where train_one takes its final report."""
-
-    cfg = SimpleNamespace(every=0)
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def run(self, model, device):
-        was = model.training
-        model.eval()
-        out = logits_of(model, self.tok)
-        model.train(was)
-        return out
 
 
 # ----------------------------------------------------------------------------- the init itself
@@ -121,7 +81,7 @@ def test_loftq_starts_closer_to_the_unquantized_model_than_the_4bit_base(kbit_ba
     quantized = logits_of(kbit_base.model, tok)
     spec = TrialSpec(LoraConfig(r=8, init="loftq", targets=ALL, alpha_rule="free", alpha=3.0),
                      TrainConfig(steps=1, lr=1e-9, batch_size=4), name="start")
-    start = ReferenceTrainer(kbit_base, train_data, _LogitsProbe(tok), progress=False).train([spec])[0]
+    start = ReferenceTrainer(kbit_base, train_data, LogitsProbe(tok), progress=False).train([spec])[0]
     assert start.status == "ok", start.error
     pack = Pack(kbit_base, train_data, None, compile=False)
     try:
@@ -184,7 +144,7 @@ def test_reference_loftq_adapter_gives_the_trained_logits_with_stock_peft(kbit_b
                      TrainConfig(steps=3, lr=1e-2, batch_size=4), name="ref", adapter_dir=tmp_path / "a")
     from lora_ablate.reference import ReferenceTrainer
 
-    result = ReferenceTrainer(kbit_base, train_data, _LogitsProbe(tok), progress=False).train([spec])[0]
+    result = ReferenceTrainer(kbit_base, train_data, LogitsProbe(tok), progress=False).train([spec])[0]
     assert result.status == "ok", result.error
     fresh = load_4bit(tiny_dir).model
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "a")).eval()

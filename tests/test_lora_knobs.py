@@ -4,7 +4,6 @@
 import hashlib
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,31 +20,7 @@ from lora_ablate.models import (
     default_gguf,
 )
 from lora_ablate.trial import TrialSpec
-
-TEXTS = ["### Instruction:\nReverse the word.\n\n### Response:\nelppa", "the of and 12 apple"]
-
-
-def logits_of(model, tok):
-    batch = tok(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-class _LogitsProbe:
-    """Stands in for the evaluator: the trained model's logits, taken where train_one takes its final report."""
-
-    cfg = SimpleNamespace(every=0)
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def run(self, model, device):
-        was = model.training
-        model.eval()
-        out = logits_of(model, self.tok)
-        model.train(was)
-        return out
-
+from tests.probes import LogitsProbe, logits_of
 
 # --- base identity --------------------------------------------------------------------------------------------
 
@@ -106,7 +81,7 @@ def test_base_mutating_init_adapter_fits_the_original_base(init, alpha_rule, run
     before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
     lora = {"init": init, "r": 4, "alpha_rule": alpha_rule, "alpha": 6.0, "targets": ["q", "v", "o", "mlp"]}
     result = run_trial(lora=lora, train={"steps": 3, "lr": 1e-2}, adapter_dir=tmp_path / "a",
-                       evaluator=_LogitsProbe(tiny_base.tokenizer))
+                       evaluator=LogitsProbe(tiny_base.tokenizer))
     assert result.status == "ok", result.error
     after = tiny_base.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit (the fixture checks it too)
@@ -120,6 +95,6 @@ def test_base_mutating_init_adapter_fits_the_original_base(init, alpha_rule, run
 
 def test_pissa_starts_where_the_base_is(run_trial, tiny_base):
     """PiSSA's residual base plus its initial adapter is the base itself (one step of lr 1e-9 moves nothing)."""
-    probe = _LogitsProbe(tiny_base.tokenizer)
+    probe = LogitsProbe(tiny_base.tokenizer)
     result = run_trial(lora={"init": "pissa", "r": 4}, train={"steps": 1, "lr": 1e-9}, evaluator=probe)
     torch.testing.assert_close(result.final, logits_of(tiny_base.model, tiny_base.tokenizer), rtol=0, atol=1e-5)

@@ -12,9 +12,9 @@ from lora_ablate.errors import UserError
 from lora_ablate.packed import Pack, PackedTrainer
 from lora_ablate.reference import ReferenceTrainer
 from lora_ablate.trial import TrialSpec
+from tests.probes import logits_of
 
 REL = 1e-4
-TEXTS = ["### Instruction:\nReverse the word.\n\n### Response:\nelppa", "the of and 12 apple"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want one intra-op thread
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models want
 def spec(name, tmp, r=4, init="pissa", steps=4, targets=("q", "v", "o", "mlp"), **lora):
     train = TrainConfig(steps=steps, batch_size=4, lr=1e-2, log_every=1, seed=len(name), weight_decay=0.1)
     return TrialSpec(LoraConfig(r=r, init=init, targets=targets, **lora), train, name=name, adapter_dir=tmp / name)
-
-
-def logits_of(model, tok):
-    batch = tok(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def close(a, b):
