@@ -494,8 +494,8 @@ def _throughput(report: Report, setup: Setup, parts: set[str]) -> None:
 def _variable_length(report: Report, base, setup: Setup) -> None:
     """The variable-length rows: the Trainer with dynamic padding, then packs of K with sequence packing and
     padded (compiled on a GPU, as a study trains)."""
-    data = variable_length_rows(base.tokenizer, setup.varlen_length, setup.varlen_source, 0 if not setup.smoke
-                                else 200)
+    records = 200 if setup.smoke else 0  # 0: every example of the source
+    data = variable_length_rows(base.tokenizer, setup.varlen_length, setup.varlen_source, records)
     lengths = sorted(len(ids) for ids in data.input_ids)
     report.data["varlen"] = {"source": setup.varlen_source, "max_length": setup.varlen_length, "examples": len(data),
                              "tokens_mean": statistics.mean(lengths), "tokens_median": statistics.median(lengths),
