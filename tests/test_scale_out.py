@@ -332,8 +332,8 @@ def test_four_workers_on_postgres_train_a_grid_once_while_one_is_killed_mid_tria
     assert len(done) == 24 and len(set(done)) == 24  # the whole grid, no cell twice
     assert [t.number for t in by_state["FAIL"]] == [killed]  # killed while it trained: nothing else failed
     retried = trials[killed]
-    # killed before its params were suggested, a trial holds only the cell it was created for
-    cell = retried.params or retried.system_attrs["fixed_params"]
+    # the cell it was created for; killed before or between its suggest calls, its params are partial or none
+    cell = {**retried.params, **retried.system_attrs.get("fixed_params", {})}
     assert (cell["r"], cell["targets"], cell["seed"]) in done
 
     client = MlflowClient(db_url(tracking))
