@@ -13,14 +13,9 @@ import torch.nn.functional as F
 
 from lora_ablate.config import DataConfig, EvalConfig
 from lora_ablate.data import IGNORE, EvalSet, encode_all, prompt_ids
+from lora_ablate.decode import fast_decoding, new_tokens, rows_per_call
 
 GEN_METRICS = ("exact_match", "rouge_l")
-# Rows of one generate call on a GPU (prompts x adapters): HF generate's per-token host overhead, not the
-# arithmetic, bounds a small model's decoding, so fewer and wider calls finish sooner. The KV cache of 2,048
-# rows of ~400 tokens of the 135M default is ~19 GB.
-GPU_GENERATE_ROWS = 2048
-
-
 @dataclass
 class EvalReport:
     """``metrics[set][name]`` (nll, ppl, n, and exact_match/rouge_l when generating) and one row per example."""
@@ -96,27 +91,29 @@ class Evaluator:
         model.eval()
         prompts = self.prompts[name]
         preds: list[str] = [""] * len(prompts)
-        for idx in self.generation_chunks(name, device, copies=1):
+        for idx in self.generation_chunks(name, device, model, copies=1):
             ids, mask = left_padded([prompts[i] for i in idx], tok.pad_token_id)
-            width = ids.shape[1]
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=self.cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-            for i, row in zip(idx, gen[:, width:]):
+            gen = new_tokens(model, ids.to(device), mask.to(device), self.cfg.max_new_tokens, tok.pad_token_id,
+                             tok.eos_token_id)
+            for i, row in zip(idx, gen):
                 preds[i] = answer(tok, row)
             self.tick(f"{name} generation")
         model.train(was_training)
         return preds
 
-    def generation_chunks(self, name: str, device, copies: int) -> list[list[int]]:
-        """The prompts of set ``name`` in generate calls, longest first so a call pads little: eval.batch_size
-        prompts a call on a CPU, and on a GPU as many as ``GPU_GENERATE_ROWS`` rows allow when each prompt
-        is decoded ``copies`` times (once per adapter of a pack)."""
+    def generation_chunks(self, name: str, device, model, copies: int) -> list[list[int]]:
+        """The prompts of set ``name`` in decoding calls, longest first so a call pads little: eval.batch_size
+        prompts a call on a CPU, and on a GPU as many as one call's cache holds in free memory
+        (``decode.rows_per_call``) when each prompt is decoded ``copies`` times (once per trial of a pack)."""
         prompts = self.prompts[name]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         size = self.cfg.batch_size
-        if torch.device(device).type == "cuda":
-            size = max(size, GPU_GENERATE_ROWS // max(1, copies))
+        longest = max(map(len, prompts), default=0) + self.cfg.max_new_tokens
+        rows = rows_per_call(model, longest, device)
+        if rows is not None:
+            # generate's cache is concatenated anew at every token: old and new copies are briefly both held
+            rows = rows if fast_decoding(model, longest) else rows // 2
+            size = max(size, rows // max(1, copies))
         return [order[i:i + size] for i in range(0, len(order), size)]
 
     def generates(self, s: EvalSet, generate: bool | None = None) -> bool:
@@ -147,7 +144,7 @@ class Evaluator:
     def run(self, model, device, generate: bool | None = None) -> EvalReport:
         report = EvalReport()
         steps = sum(-(-len(self.encoded[s.name]) // self.cfg.batch_size)
-                    + (len(self.generation_chunks(s.name, device, 1)) if self.generates(s, generate) else 0)
+                    + (len(self.generation_chunks(s.name, device, model, 1)) if self.generates(s, generate) else 0)
                     for s in self.sets)
         with self.bar(steps):
             nlls = self.nll(model, device)

@@ -77,6 +77,12 @@ KNOWN_ARCHITECTURES = tuple(sorted(_ARCHITECTURES))
 _PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"})
 
 
+# Architectures whose attention is plain causal softmax attention over every earlier position (no soft-capping,
+# no attention sinks, no chunked attention), so decoding may bring its own cache and padding mask
+# (lora_ablate/decode.py): only a sliding window, when one is on, limits it to rows no longer than the window.
+_PLAIN_DECODING = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
 @dataclass(frozen=True)
 class TargetPlan:
     architecture: str
@@ -135,6 +141,16 @@ def plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor] |
     if type(head) is not torch.nn.Linear or head.bias is not None:  # noqa: E721 - a subclass may do more
         return None
     return model.get_decoder(), head.weight
+
+
+def plain_decoding(model: torch.nn.Module, length: int) -> bool:
+    """Whether rows of up to ``length`` tokens of ``model`` attend every earlier position of their own row under
+    transformers' SDPA attention: the decoding of lora_ablate/decode.py is then exactly the model's."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _PLAIN_DECODING or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return window is None or length <= window
 
 
 def linear_module_suffixes(model: torch.nn.Module) -> list[str]:

@@ -169,6 +169,26 @@ def test_fused_head_loss_matches_single_path(base, padded, evaluator, references
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_token_nll_is_token_nll_of_the_full_logits(monkeypatch, dtype):
+    """The GPU's held-out NLL (packed_nll from the final states in chunks) against token_nll of the whole
+    logits, across several chunks and masked labels: the same values and the same mask."""
+    from lora_ablate.data import IGNORE
+    from lora_ablate.evaluation import token_nll
+    from lora_ablate.packed import loss
+
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 1)  # 256-row chunks: 3 x 149 shifted rows make 2
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 150, 16, generator=g).to(dtype)
+    weight = torch.randn(50, 16, generator=g).to(dtype)
+    labels = torch.randint(0, 50, (3, 150), generator=g)
+    labels[torch.rand(3, 150, generator=g) < 0.3] = IGNORE
+    want, want_mask = token_nll(h @ weight.t(), labels)
+    got, mask = loss.head_token_nll(h, weight, labels)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_nll_equals_cross_entropy_over_full_logits(monkeypatch, dtype):
     """Values and gradient of head_nll against autograd through token_nll(h @ W.T), across several chunks,
     with masked labels and a per-token upstream weight."""

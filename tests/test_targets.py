@@ -13,6 +13,7 @@ from lora_ablate.targets import (
     KNOWN_ARCHITECTURES,
     TargetPlan,
     linear_module_suffixes,
+    plain_decoding,
     plain_head,
     resolve_targets,
     role_names,
@@ -247,3 +248,31 @@ def test_plain_head_only_where_logits_are_final_states_times_head(arch):
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state @ weight.t(), model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_plain_decoding_only_where_greedy_decoding_is_generates(arch):
+    """lora_ablate/decode.py trusts plain_decoding: wherever it answers, decoding with its own cache and padding
+    mask gives generate's tokens; everywhere else held-out generation goes through generate itself."""
+    from lora_ablate.decode import greedy, new_tokens
+
+    model = tiny(arch).eval()
+    model.generation_config.pad_token_id = None
+    plain = arch in {"llama", "mistral", "qwen2", "qwen3"}
+    assert plain_decoding(model, 64) == plain, arch
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 128, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = mask[2, :7] = 0  # left padding
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0,
+                              eos_token_id=1)[:, 9:]
+        assert torch.equal(new_tokens(model, ids, mask, 6, 0, 1), want), arch
+        if plain:
+            assert torch.equal(greedy(model, ids, mask, 6, 0, 1), want), arch
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_not_plain_decoding():
+    model = AutoModelForCausalLM.from_config(transformers.MistralConfig(**_COMMON, sliding_window=8))
+    assert plain_decoding(model, 8) and not plain_decoding(model, 9)

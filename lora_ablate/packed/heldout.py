@@ -3,9 +3,14 @@ group of trials over the same stacked batch, giving ``Evaluator.run``'s reports 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from lora_ablate.decode import new_tokens
 from lora_ablate.evaluation import EvalReport, Evaluator, answer, left_padded, token_nll
+from lora_ablate.packed.attention import _causal_attention
+from lora_ablate.packed.loss import head_token_nll
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
 
@@ -21,25 +26,42 @@ def _eval_groups(pack: Pack, slots: list[Slot], eval_batch: int, factor: int = 1
     return [slots[i:i + g] for i in range(0, len(slots), g)]
 
 
+def _chunked(pack: Pack) -> bool:
+    return pack.device.type == "cuda" and pack.head is not None
+
+
+def _nll_groups(pack: Pack, slots: list[Slot], eval_batch: int) -> list[list[Slot]]:
+    return _eval_groups(pack, slots, eval_batch, factor=GENERATE_ROWS if _chunked(pack) else 1)
+
+
 @torch.no_grad()
 def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict]:
     """``Evaluator.nll`` for each slot, all slots of a group over the same held-out batch at once."""
     out: list[dict] = []
     model, device, pad = pack.model, pack.device, evaluator.tokenizer.pad_token_id
+    # On a GPU, as training does: causal attention with no padding mask (the batches are right-padded, so
+    # no real token sees padding) and the NLL from the final states in chunks, never the full logits; that
+    # frees the memory for GENERATE_ROWS times a training step's rows per forward.
+    fast = _chunked(pack)
     model.eval()
     try:
-        for group in _eval_groups(pack, slots, evaluator.cfg.batch_size):
+        for group in _nll_groups(pack, slots, evaluator.cfg.batch_size):
             g, res = len(group), [dict() for _ in group]
-            with pack.selected(group):
+            with pack.selected(group), _causal_attention(model) if fast else contextlib.nullcontext():
                 for s in evaluator.sets:
                     enc = evaluator.encoded[s.name]
                     per_ex, counts = [[] for _ in group], [[] for _ in group]
                     for start in range(0, len(enc), evaluator.cfg.batch_size):
                         idx = list(range(start, min(start + evaluator.cfg.batch_size, len(enc))))
                         b = enc.batch(idx, pad, device)
-                        logits = model(input_ids=b["input_ids"].repeat(g, 1),
-                                       attention_mask=b["attention_mask"].repeat(g, 1)).logits
-                        tok, mask = token_nll(logits, b["labels"].repeat(g, 1))
+                        ids, labels = b["input_ids"].repeat(g, 1), b["labels"].repeat(g, 1)
+                        if fast:
+                            decoder, weight = pack.head
+                            tok, mask = head_token_nll(decoder(input_ids=ids, use_cache=False).last_hidden_state,
+                                                       weight, labels)
+                        else:
+                            logits = model(input_ids=ids, attention_mask=b["attention_mask"].repeat(g, 1)).logits
+                            tok, mask = token_nll(logits, labels)
                         ex = (tok.sum(1) / mask.sum(1).clamp(min=1)).view(g, -1).tolist()
                         n = mask.sum(1).view(g, -1).tolist()
                         for k in range(g):
@@ -58,7 +80,7 @@ def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict
 @torch.no_grad()
 def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: str) -> list[list[str]]:
     """``Evaluator.generate`` (greedy, left-padded, cut at '###') for each slot; each group of slots
-    decodes the same prompts together through HF ``generate`` on the stacked batch."""
+    decodes the same prompts together on the stacked batch (lora_ablate/decode.py)."""
     tok, cfg = evaluator.tokenizer, evaluator.cfg
     prompts = evaluator.prompts[name]
     out: list[list[str]] = []
@@ -68,15 +90,12 @@ def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: s
         for group in _eval_groups(pack, slots, cfg.batch_size, factor=GENERATE_ROWS):
             g, preds = len(group), [[""] * len(prompts) for _ in group]
             with pack.selected(group):
-                for idx in evaluator.generation_chunks(name, pack.device, copies=g):
+                for idx in evaluator.generation_chunks(name, pack.device, model, copies=g):
                     chunk = [prompts[i] for i in idx]
                     ids, mask = left_padded(chunk, tok.pad_token_id)
-                    width = ids.shape[1]
-                    gen = model.generate(input_ids=ids.repeat(g, 1).to(pack.device),
-                                         attention_mask=mask.repeat(g, 1).to(pack.device), do_sample=False,
-                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id)
-                    rows = gen[:, width:].view(g, len(chunk), -1)
+                    gen = new_tokens(model, ids.repeat(g, 1).to(pack.device), mask.repeat(g, 1).to(pack.device),
+                                     cfg.max_new_tokens, tok.pad_token_id, tok.eos_token_id)
+                    rows = gen.view(g, len(chunk), -1)
                     for k in range(g):
                         for i, row in zip(idx, rows[k]):
                             preds[k][i] = answer(tok, row)
@@ -90,9 +109,9 @@ def packed_generate(pack: Pack, evaluator: Evaluator, slots: list[Slot], name: s
 def _steps(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> int:
     """The batches and generate calls of ``packed_reports``: what its progress bar counts."""
     cfg = evaluator.cfg
-    steps = sum(len(_eval_groups(pack, slots, cfg.batch_size)) * -(-len(evaluator.encoded[s.name]) // cfg.batch_size)
+    steps = sum(len(_nll_groups(pack, slots, cfg.batch_size)) * -(-len(evaluator.encoded[s.name]) // cfg.batch_size)
                 for s in evaluator.sets)
-    steps += sum(len(evaluator.generation_chunks(s.name, pack.device, copies=len(group)))
+    steps += sum(len(evaluator.generation_chunks(s.name, pack.device, pack.model, copies=len(group)))
                  for group in _eval_groups(pack, slots, cfg.batch_size, factor=GENERATE_ROWS)
                  for s in evaluator.sets if evaluator.generates(s))
     return steps

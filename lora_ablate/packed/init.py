@@ -4,6 +4,7 @@ changed); LoftQ's A0, B0 from lora_ablate/loftq.py, as the reference path takes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Mapping, Sequence
@@ -43,22 +44,39 @@ def initial_A(base: LoadedModel, spec: TrialSpec, module_names: Sequence[str],
     """
     torch.manual_seed(spec.train.seed)  # as train_one does right before get_peft_model
     out = {}
-    for name in module_names:
-        r = (ranks or {}).get(name, spec.lora.r)
-        layer = _bare(base, name)
-        in_f, out_f = _features(layer)
-        a = torch.empty(r, in_f)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r) constructor
-        torch.nn.init.kaiming_uniform_(torch.empty(out_f, r), a=math.sqrt(5))  # nn.Linear(r, out) constructor
-        if spec.lora.init in ("default", "loftq"):
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        else:
-            torch.nn.init.normal_(a, std=1 / r)
-        weight_dtype = getattr(getattr(layer, "weight", None), "dtype", torch.float32)
-        if weight_dtype in (torch.float16, torch.bfloat16):
-            a = a.to(weight_dtype).float()
-        out[name] = a
+    with _one_thread():
+        for name in module_names:
+            out[name] = _draw_A(base, spec, name, (ranks or {}).get(name, spec.lora.r))
     return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Hundreds of small CPU draws and casts per trial: on a GPU host whose cores are busy compiling, each
+    one's wake-up of the intra-op thread pool took milliseconds (5 s of a 21-trial study on an H200). CPU
+    random draws are serial whatever the thread count, so the values are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _draw_A(base: LoadedModel, spec: TrialSpec, name: str, r: int) -> torch.Tensor:
+    layer = _bare(base, name)
+    in_f, out_f = _features(layer)
+    a = torch.empty(r, in_f)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r) constructor
+    torch.nn.init.kaiming_uniform_(torch.empty(out_f, r), a=math.sqrt(5))  # nn.Linear(r, out) constructor
+    if spec.lora.init in ("default", "loftq"):
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    else:
+        torch.nn.init.normal_(a, std=1 / r)
+    weight_dtype = getattr(getattr(layer, "weight", None), "dtype", torch.float32)
+    if weight_dtype in (torch.float16, torch.bfloat16):
+        a = a.to(weight_dtype).float()
+    return a
 
 
 def _base_mutating_factors(base: LoadedModel, spec: TrialSpec,
