@@ -2,8 +2,8 @@
 examples, so a step computes about its real tokens instead of K * b rows padded to the longest example.
 
 For every micro-batch, trial k's b examples are laid end to end in row k (positions restart at 0 at each
-example), and the K rows are right-padded to one width L (a multiple of ``WIDTH``). Attention is a 4-D
-boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token document id
+example), and the K rows are right-padded to one width L (a multiple of ``WIDTH``). Attention (``sdpa``)
+is a 4-D boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token document id
 by broadcasting only (no host sync, so a CUDA graph can capture it). transformers returns a user-given
 4-D mask unchanged (``masking_utils._preprocess_mask_arguments``) and its SDPA integration passes it to
 ``scaled_dot_product_attention``. Padding tokens are a document of their own (id -1): they attend to
@@ -19,15 +19,25 @@ path's up to the arithmetic of a different attention kernel and summation order.
 Why one row per trial and micro-batch (not rows of a fixed capacity, bin-packed): the trial-major stacking
 that PackedLoraLinear relies on (rows ``k*R .. (k+1)*R`` belong to trial k) stays R = 1, each micro-batch
 has one width (one graph-key entry), and there is no packing decision that could differ between runs.
-The price: attention under an explicit mask is dense O(L^2) per row (SDPA cannot skip the masked blocks,
-and the flash kernel does not take a mask), with L about b times the mean example length. For the linear
-layers the cost is the real tokens. With ``flex`` (``study.attention=flex``) the same "same document and
+The price under ``sdpa``: attention under an explicit mask is dense O(L^2) per row (SDPA cannot skip the
+masked blocks, and its flash kernel does not take a mask), with L about b times the mean example length.
+For the linear layers the cost is the real tokens. With ``flex`` (``study.attention=flex``) the same "same document and
 causal" rule is a FlexAttention BlockMask instead (``document_block_mask``): tiles (128 x 128) that no
 query may attend are never computed, so attention costs about the tiles covering each example's own
 causal triangle (for examples of a few hundred tokens, a few times those triangles, not L^2 / 2). It is
 built from the same per-token document ids by device operations only (no host sync), so it is built
 inside a captured CUDA graph like the boolean mask (still one [K, 1, L, L] boolean pass per micro-batch,
 shared by all layers; building it at tile granularity would save that too).
+
+With ``varlen`` (``study.attention=varlen``, what ``auto`` takes on a CUDA SDPA model that can train it) there
+is no mask at all: the K rows are flattened to K * L tokens and cut into segments by cumulative offsets
+(``segment_offsets``), and flash varlen attention (packed/attention.py) runs causal attention inside each
+segment, so attention costs each example's own causal triangle and the dense O(L^2) masked attention and
+its mask are gone. Each row has one segment per example and one for its padding tail (padding attends
+padding only: nothing is NaN); a trial with fewer examples than the span's most gets empty segments, so
+every micro-batch's offsets have one shape, K * (b_max + 1) + 1, as a CUDA graph's static buffer needs. The
+offsets are precomputed on the host with the tables and uploaded with them. The padding between trials'
+rows (below) stays: the rows still share one width.
 
 What padding remains: all K rows share the width of the longest, so a step computes K times its longest
 trial row, not the sum of the rows. Trials with the same data order pad at most WIDTH each; trials whose
