@@ -3,8 +3,8 @@ examples, so a step computes about its real tokens instead of K * b rows padded 
 
 For every micro-batch, trial k's b examples are laid end to end in row k (positions restart at 0 at each
 example), and the K rows are right-padded to one width L (a multiple of ``WIDTH``). Attention (``sdpa``)
-is a 4-D boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token document id
-by broadcasting only (no host sync, so a CUDA graph can capture it). transformers returns a user-given
+is a 4-D boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token
+document id by broadcasting only (no host sync, so a CUDA graph can capture it). transformers returns a user-given
 4-D mask unchanged (``masking_utils._preprocess_mask_arguments``) and its SDPA integration passes it to
 ``scaled_dot_product_attention``. Padding tokens are a document of their own (id -1): they attend to
 earlier padding only, so no query row is fully masked (which would make SDPA's softmax NaN) and no real
