@@ -140,24 +140,30 @@ def test_graphs_keep_fused_rows_masked_like_eager_steps(replays, tmp_path):
             assert torch.count_nonzero(b[keep == 0]) == 0 and torch.count_nonzero(b[keep == 1]) > 0
 
 
+def _trains_like_sdpa(base, attention, evaluator, replays, rel, **options) -> list[bool]:
+    """LONG on mixed short and long examples, packed, under SDPA's boolean document mask and then under
+    ``attention``: the same losses and held-out metrics to ``rel``, the same steps replayed (no capture under
+    ``attention`` was refused), the model back on SDPA after (evaluation runs it); the replays."""
+    data = mixed_examples(base.tokenizer)
+    sdpa = train_packed(base, LONG, data, evaluator, progress=False, packing=True, attention="sdpa", **options)
+    sdpa_replays = replays[:]
+    replays.clear()
+    other = train_packed(base, LONG, data, evaluator, progress=False, packing=True, attention=attention, **options)
+    assert base.model.config._attn_implementation == "sdpa"
+    assert replays == sdpa_replays, replays
+    for ref, got in zip(sdpa, other):
+        assert_same_trial(ref, got, rel=rel)
+    return replays
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("compile", [False, True])
 def test_flex_attention_trains_packed_rows_like_sdpa(base, evaluator, replays, graphs, compile):
-    """study.attention=flex: packed rows of mixed short and long examples under flex_attention's BlockMask
-    give the same losses and held-out metrics (1e-4, fp32) as under SDPA's boolean document mask, in eager
-    steps and in CUDA graphs (the BlockMask is built inside the capture from the static table), with and
-    without compiled blocks; evaluation runs SDPA after, as before."""
-    data = mixed_examples(base.tokenizer)
-    sdpa = train_packed(base, LONG, data, evaluator, progress=False, cuda_graphs=graphs, compile=compile,
-                        packing=True, attention="sdpa")
-    sdpa_replays = replays[:]
-    replays.clear()
-    flex = train_packed(base, LONG, data, evaluator, progress=False, cuda_graphs=graphs, compile=compile,
-                        packing=True, attention="flex")
-    assert base.model.config._attn_implementation == "sdpa"
-    assert replays == sdpa_replays and (sum(replays) > 0) == graphs, replays  # no flex capture was refused
-    for ref, got in zip(sdpa, flex):
-        assert_same_trial(ref, got, rel=1e-4)
+    """study.attention=flex: packed rows under flex_attention's BlockMask give the same losses and held-out
+    metrics (1e-4, fp32) as under SDPA's boolean document mask, in eager steps and in CUDA graphs (the
+    BlockMask is built inside the capture from the static table), with and without compiled blocks."""
+    ran = _trains_like_sdpa(base, "flex", evaluator, replays, 1e-4, cuda_graphs=graphs, compile=compile)
+    assert (sum(ran) > 0) == graphs, ran
 
 
 @pytest.fixture(scope="module")
@@ -172,21 +178,11 @@ def bf16_base():
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_varlen_attention_trains_packed_rows_like_sdpa(bf16_base, replays, compile):
-    """study.attention=varlen: packed rows of mixed short and long examples under flash varlen attention give
-    the same per-step losses (bf16 noise, 2e-2) as under SDPA's boolean document mask, replayed as CUDA
-    graphs (the segment offsets copied into the static buffer) with and without compiled blocks; auto picks
-    varlen here, and evaluation runs SDPA after."""
+    """study.attention=varlen (what auto picks here): packed rows under flash varlen attention give the same
+    per-step losses (bf16 noise, 2e-2) as under SDPA's boolean document mask, replayed as CUDA graphs (the
+    segment offsets copied into the static buffer), with and without compiled blocks."""
     from lora_ablate.packed.attention import resolve_attention
 
     assert resolve_attention("auto", bf16_base.model, bf16_base.device, packing=True) == "varlen"
-    data = mixed_examples(bf16_base.tokenizer)
-    sdpa = train_packed(bf16_base, LONG, data, None, progress=False, cuda_graphs=True, compile=compile,
-                        packing=True, attention="sdpa")
-    sdpa_replays = replays[:]
-    replays.clear()
-    varlen = train_packed(bf16_base, LONG, data, None, progress=False, cuda_graphs=True, compile=compile,
-                          packing=True, attention="varlen")
-    assert bf16_base.model.config._attn_implementation == "sdpa"
-    assert replays == sdpa_replays and sum(replays) >= 20, replays  # no varlen capture was refused
-    for ref, got in zip(sdpa, varlen):
-        assert_same_trial(ref, got, rel=2e-2)
+    ran = _trains_like_sdpa(bf16_base, "varlen", None, replays, 2e-2, cuda_graphs=True, compile=compile)
+    assert sum(ran) >= 20, ran
