@@ -45,7 +45,7 @@ class Pack:
         self.graphs = StepGraphs(base.device) if graphs and base.device.type == "cuda" else None
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
-        # sequence packing (packed/varlen.py): each trial's micro-batch as one row; its 4-D document mask needs SDPA
+        # sequence packing (packed/varlen.py): each trial's micro-batch as one row; each study.attention needs SDPA
         packing = packing and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         self.flat = _FlatData(data, base.tokenizer.pad_token_id, base.device) if packing else None
         self.attention = attention  # resolved study.attention of the packed rows (packed/attention.py)
