@@ -36,7 +36,7 @@ TEMPLATES = ("alpaca", "chat")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 FUSED_SUBSETS = ("refuse", "rows")
 SCHEDULES = ("cosine", "linear", "constant")
-ATTENTIONS = ("auto", "sdpa", "flex")  # study.attention
+ATTENTIONS = ("auto", "sdpa", "flex", "varlen")  # study.attention
 FIELD_KEYS = ("instruction", "input", "output", "instances", "prompt", "completion")
 # what an inline eval.sets entry may say (a set file under evals/sets/ says the same, plus description)
 SET_KEYS = ("path", "source", "name", "fields", "format", "size", "metrics", "headline", "leakage", "generate")
@@ -241,8 +241,9 @@ class StudyConfig:
     compile: str = _f("auto", "torch.compile the model's blocks in packed training (about 2x faster steps on a "
                               "GPU after a one-off compilation): auto (on a GPU), true, false")
     attention: str = _f("auto", "attention of sequence-packed training rows: sdpa (a dense boolean document mask), "
-                                "flex (a FlexAttention BlockMask that skips masked tiles; CUDA, packed engine "
-                                "only), auto = sdpa until flex is measured faster")
+                                "flex (a FlexAttention BlockMask that skips masked tiles), varlen (flash varlen "
+                                "attention over each example's own tokens, no mask; flex and varlen: CUDA, packed "
+                                "engine only), auto = varlen where it can train, else sdpa")
     workspace: str = _f(DEFAULT_WORKSPACE, f"folder of the embedded stores: {OPTUNA_DB}, {MLFLOW_DB}, {ARTIFACTS}/")
     storage: str = _f("", f"Optuna RDB storage URL (default: sqlite:///<workspace>/{OPTUNA_DB})")
     retry_failed: bool = _f(True, "train failed trials again when the study is resumed (false: a failure is final)")

@@ -19,13 +19,14 @@ def make_trainer(base: LoadedModel, data: Encoded, evaluator: Evaluator | None, 
     """A trainer of trials on ``base``: the reference for ``pack`` 1, else the packed engine, which trains
     the specs it is handed (the caller hands up to ``pack``) in one pack; ``fast`` takes the packed engine
     for a pack of 1 too (the fast single trial); ``compile`` and ``attention`` (``study.attention``) are
-    for the packed engine only, and ``attention="flex"`` where it cannot work is a UserError here."""
+    for the packed engine only, and ``attention`` flex or varlen where it cannot work is a UserError here."""
     if pack <= 1 and not fast:
-        if attention == "flex":  # the reference loop is what flex is checked against: it stays as it is
-            from lora_ablate.packed.attention import flex_error
+        # the reference loop is what flex and varlen are checked against: it stays as it is
+        if attention not in ("auto", "sdpa"):
+            from lora_ablate.packed.attention import attention_error
 
-            raise flex_error("it is for the packed engine's sequence packing, and study.pack=1 (or a CPU) "
-                             "trains on the reference loop")
+            raise attention_error(attention, "it is for the packed engine's sequence packing, and study.pack=1 "
+                                  "(or a CPU) trains on the reference loop")
         return ReferenceTrainer(base, data, evaluator, hooks, progress)
     from lora_ablate.packed import PackedTrainer
 

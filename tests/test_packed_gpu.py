@@ -1,5 +1,5 @@
 """CUDA graphs and the fused LM-head loss on a GPU, against the eager reference step on the same GPU; packed
-rows under flex_attention against the same rows under SDPA.
+rows under flex_attention and under flash varlen attention against the same rows under SDPA.
 
 Skipped without a CUDA device (CI has none); run on the GPU machine:
 ``python -m pytest -q -m gpu tests/test_packed_gpu.py``.
@@ -140,21 +140,49 @@ def test_graphs_keep_fused_rows_masked_like_eager_steps(replays, tmp_path):
             assert torch.count_nonzero(b[keep == 0]) == 0 and torch.count_nonzero(b[keep == 1]) > 0
 
 
+def _trains_like_sdpa(base, attention, evaluator, replays, rel, **options) -> list[bool]:
+    """LONG on mixed short and long examples, packed, under SDPA's boolean document mask and then under
+    ``attention``: the same losses and held-out metrics to ``rel``, the same steps replayed (no capture under
+    ``attention`` was refused), the model back on SDPA after (evaluation runs it); the replays."""
+    data = mixed_examples(base.tokenizer)
+    sdpa = train_packed(base, LONG, data, evaluator, progress=False, packing=True, attention="sdpa", **options)
+    sdpa_replays = replays[:]
+    replays.clear()
+    other = train_packed(base, LONG, data, evaluator, progress=False, packing=True, attention=attention, **options)
+    assert base.model.config._attn_implementation == "sdpa"
+    assert replays == sdpa_replays, replays
+    for ref, got in zip(sdpa, other):
+        assert_same_trial(ref, got, rel=rel)
+    return replays
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("compile", [False, True])
 def test_flex_attention_trains_packed_rows_like_sdpa(base, evaluator, replays, graphs, compile):
-    """study.attention=flex: packed rows of mixed short and long examples under flex_attention's BlockMask
-    give the same losses and held-out metrics (1e-4, fp32) as under SDPA's boolean document mask, in eager
-    steps and in CUDA graphs (the BlockMask is built inside the capture from the static table), with and
-    without compiled blocks; evaluation runs SDPA after, as before."""
-    data = mixed_examples(base.tokenizer)
-    sdpa = train_packed(base, LONG, data, evaluator, progress=False, cuda_graphs=graphs, compile=compile,
-                        packing=True, attention="sdpa")
-    sdpa_replays = replays[:]
-    replays.clear()
-    flex = train_packed(base, LONG, data, evaluator, progress=False, cuda_graphs=graphs, compile=compile,
-                        packing=True, attention="flex")
-    assert base.model.config._attn_implementation == "sdpa"
-    assert replays == sdpa_replays and (sum(replays) > 0) == graphs, replays  # no flex capture was refused
-    for ref, got in zip(sdpa, flex):
-        assert_same_trial(ref, got, rel=1e-4)
+    """study.attention=flex: packed rows under flex_attention's BlockMask give the same losses and held-out
+    metrics (1e-4, fp32) as under SDPA's boolean document mask, in eager steps and in CUDA graphs (the
+    BlockMask is built inside the capture from the static table), with and without compiled blocks."""
+    ran = _trains_like_sdpa(base, "flex", evaluator, replays, 1e-4, cuda_graphs=graphs, compile=compile)
+    assert (sum(ran) > 0) == graphs, ran
+
+
+@pytest.fixture(scope="module")
+def bf16_base():
+    """tiny-llama in bf16 with head dim 64 (and GQA: 4 query heads, 2 kv heads), what flash kernels take."""
+    model, tok = tiny_llama(hidden=256)
+    model = model.to("cuda", torch.bfloat16).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model, tok, "tiny-llama", "in-process", torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_varlen_attention_trains_packed_rows_like_sdpa(bf16_base, replays, compile):
+    """study.attention=varlen (what auto picks here): packed rows under flash varlen attention give the same
+    per-step losses (bf16 noise, 2e-2) as under SDPA's boolean document mask, replayed as CUDA graphs (the
+    segment offsets copied into the static buffer), with and without compiled blocks."""
+    from lora_ablate.packed.attention import resolve_attention
+
+    assert resolve_attention("auto", bf16_base.model, bf16_base.device, packing=True) == "varlen"
+    ran = _trains_like_sdpa(bf16_base, "varlen", None, replays, 2e-2, cuda_graphs=True, compile=compile)
+    assert sum(ran) >= 20, ran

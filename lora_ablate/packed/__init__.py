@@ -42,7 +42,7 @@ The package, one module a part:
   ``init``         peft-identical LoRA init: A by peft's RNG calls; PiSSA/OLoRA A0, B0 by peft's own layer code
   ``device_data``  the training set on the device
   ``optim``        per-trial gradient clipping and AdamW on the flat state
-  ``attention``    causal SDPA without a padding mask for training forwards; flex_attention for packed rows
+  ``attention``    causal SDPA without a padding mask for training forwards; flex or flash varlen for packed rows
   ``compiled``     torch.compile'd repeated blocks for training steps
   ``loss``         next-token NLL from the final hidden states, LM head and cross-entropy in chunks
   ``graphs``       the training step as CUDA graphs: capture, replay, width buckets

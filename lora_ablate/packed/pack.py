@@ -38,17 +38,17 @@ class Pack:
     """
 
     def __init__(self, base: LoadedModel, data: Encoded, lora_dtype: torch.dtype | None, compile: bool,
-                 fused_head: bool = False, graphs: bool = False, packing: bool = False, flex: bool = False):
+                 fused_head: bool = False, graphs: bool = False, packing: bool = False, attention: str = "sdpa"):
         self.base, self.model, self.device = base, base.model, base.device
         # the decoder and head weight when the loss may skip the full logits (see packed/loss.py)
         self.head = plain_head(self.model) if fused_head else None
         self.graphs = StepGraphs(base.device) if graphs and base.device.type == "cuda" else None
         self.lora_dtype = lora_dtype
         self.data = _DeviceData(data, base.tokenizer.pad_token_id, base.device)
-        # sequence packing (packed/varlen.py): each trial's micro-batch as one row; its 4-D document mask needs SDPA
+        # sequence packing (packed/varlen.py): each trial's micro-batch as one row; each study.attention needs SDPA
         packing = packing and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         self.flat = _FlatData(data, base.tokenizer.pad_token_id, base.device) if packing else None
-        self.flex = flex and packing  # packed rows' document mask as a FlexAttention BlockMask (packed/varlen.py)
+        self.attention = attention  # resolved study.attention of the packed rows (packed/attention.py)
         self.real_tokens = self.computed_tokens = 0  # since the pack began: the padding fraction, cheaply
         self.slots: list[Slot] = []
         self.layout: _Layout | None = None

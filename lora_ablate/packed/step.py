@@ -12,7 +12,7 @@ import torch
 
 from lora_ablate.errors import first_line
 from lora_ablate.evaluation import token_nll
-from lora_ablate.packed.attention import _causal_attention, _flex_attention
+from lora_ablate.packed.attention import _causal_attention, packed_attention
 from lora_ablate.packed.graphs import MIN_SPAN, bucket_widths
 from lora_ablate.packed.loss import head_nll
 from lora_ablate.packed.optim import (
@@ -62,7 +62,7 @@ class Steps:
             self.varlen = _VarlenPlan(pack.flat, [[[s.batches[(s.done + j) * s.train.grad_accum + m]
                                                     if m < s.train.grad_accum else [] for s in slots]
                                                    for m in range(self.ga)] for j in range(self.span)],
-                                      self.graphed, dev, flex=pack.flex)
+                                      self.graphed, dev, attention=pack.attention)
             self.widths = self.varlen.widths
             self.host_tokens = list(zip(self.varlen.real, self.varlen.computed))
         # each step's label tokens per trial over its whole accumulation window (the single path's divisor)
@@ -86,7 +86,7 @@ class Steps:
         if self.graphed and self._replay():
             self._advance()
             return
-        rows = self.rows[self.j] if self.varlen is None else self.varlen.tables[self.j]
+        rows = self.rows[self.j] if self.varlen is None else self.varlen.rows(self.j)
         self._forward_backward(rows, self.widths[self.j], self.window[self.j], self.host_window[self.j])
         self.optimizer_step()
 
@@ -126,8 +126,8 @@ class Steps:
 
     def _micro_batches(self, rows: torch.Tensor, widths: list[int], window: torch.Tensor,
                        host_window: list[float] | None) -> None:
-        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b] (packing: the varlen tables
-        [ga, 3, K, >= width]), ``window`` [K] on the device.
+        """Forward and backward of the step's micro-batches; ``rows`` [ga, K*b] (packing: the varlen plan's
+        ``rows``, tables [ga, 3, K, >= width] and segment offsets), ``window`` [K] on the device.
         With ``host_window`` (the same divisors on the host), K = 1 reduces exactly as the single path."""
         pack = self.pack
         K = len(pack.slots)
@@ -136,7 +136,7 @@ class Steps:
                 if self.varlen is None:
                     ids, labels, extra = *pack.data.batch(rows[m], widths[m]), {}
                 else:
-                    ids, labels, extra = self.varlen.batch(rows[m], widths[m])
+                    ids, labels, extra = self.varlen.batch(rows, m, widths[m])
                 nll = self._nll(ids, labels, **extra)
                 # summed NLL over the trial's window tokens (all its micro-batches of this step); a slot with
                 # fewer micro-batches gets filler rows here: loss 0
@@ -149,15 +149,15 @@ class Steps:
 
     def _attention(self) -> contextlib.AbstractContextManager:
         """Right padding + causal attention: real tokens never see padding, so no padding mask is needed.
-        Packed rows bring their own document mask instead: boolean for the model's SDPA, or a BlockMask
-        that only transformers' flex_attention reads."""
+        Packed rows bring their own: a boolean document mask for the model's SDPA, a BlockMask that only
+        transformers' flex_attention reads, or the segment offsets of flash varlen attention."""
         if self.varlen is None:
             return _causal_attention(self.pack.model)
-        return _flex_attention(self.pack.model) if self.varlen.flex else contextlib.nullcontext()
+        return packed_attention(self.pack.model, self.varlen.attention)
 
     def _nll(self, ids: torch.Tensor, labels: torch.Tensor, **extra) -> torch.Tensor:
-        """Per-token next-token NLL of the batch (0 where masked); ``extra``: packed rows' attention_mask and
-        position_ids."""
+        """Per-token next-token NLL of the batch (0 where masked); ``extra``: packed rows' position_ids and
+        attention_mask or varlen segment offsets (keywords the model passes through to its attention)."""
         pack = self.pack
         if pack.head is not None:
             decoder, weight = pack.head

@@ -17,7 +17,7 @@ from lora_ablate.errors import one_line
 from lora_ablate.evaluation import Evaluator
 from lora_ablate.models import LoadedModel
 from lora_ablate.packed.adapter_dir import export_adapter
-from lora_ablate.packed.attention import flex_error, require_flex
+from lora_ablate.packed.attention import require_attention, resolve_attention
 from lora_ablate.packed.heldout import packed_nll, packed_reports
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
@@ -33,8 +33,8 @@ class PackedTrainer(Trainer):
                  hooks: TrialHooks | None = None, progress: bool = True, **options):
         self.base, self.data, self.evaluator, self.hooks, self.progress = base, data, evaluator, hooks, progress
         self.options = options  # train_packed's keywords: compile, lora_dtype, fused_head, cuda_graphs, attention
-        if options.get("attention") == "flex":  # refused when the trainer is made, before any trial is asked
-            require_flex(base.model, base.device)
+        # refused when the trainer is made, before any trial is asked
+        require_attention(options.get("attention", "auto"), base.model, base.device)
 
     def train(self, specs: Sequence[TrialSpec], on_result: Callable[[TrialResult], None] | None = None,
               refill: Callable[[], TrialSpec | None] | None = None) -> list[TrialResult]:
@@ -63,8 +63,10 @@ def train_packed(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, e
     where the eager reference path is kept bit for bit. ``packing`` concatenates each trial's examples of
     a micro-batch into one row under a document mask, so a step costs about its real tokens
     (packed/varlen.py; SDPA models only); default on for a CUDA base, off elsewhere. ``attention`` is
-    ``study.attention``: "flex" gives the packed rows a FlexAttention BlockMask (masked tiles are skipped;
-    a CUDA SDPA model only, UserError otherwise), "sdpa" and "auto" the boolean mask under SDPA.
+    ``study.attention``: "varlen" runs the packed rows' attention as flash varlen attention over each
+    example's own tokens, with no mask (packed/attention.py), "flex" gives them a FlexAttention BlockMask
+    (masked tiles are skipped), both for a CUDA SDPA model with packing on only (UserError otherwise); "sdpa"
+    the dense boolean mask under SDPA; "auto" varlen where it can train, else sdpa.
 
     Out of GPU memory (``torch.OutOfMemoryError``, e.g. another process on the GPU took it): a step of a
     pack of several trials abandons the pack, and its unfinished trials are trained again from step 0 (the
@@ -105,19 +107,15 @@ def _one_pack(base: LoadedModel, specs: Sequence[TrialSpec], data: Encoded, eval
     results: list[TrialResult] = []
     checkpointing = any(s.train.gradient_checkpointing for s in specs)
     cuda = base.device.type == "cuda"
-    flex = attention == "flex"
-    if flex:
-        require_flex(base.model, base.device)
     packing = cuda if packing is None else packing
-    if flex and not packing:
-        raise flex_error("it masks sequence-packed rows, and packing is off")
+    attention = resolve_attention(attention, base.model, base.device, packing)
     pack = Pack(base, data, lora_dtype, compile and not checkpointing,
                  fused_head=cuda if fused_head is None else fused_head,
                  # checkpointing saves and restores the RNG state and bitsandbytes' kernels sync with the
                  # host, neither of which a graph capture allows
                  graphs=(cuda and not checkpointing and base.quantization == "none") if cuda_graphs is None
                  else cuda_graphs,
-                 packing=packing, flex=flex)
+                 packing=packing, attention=attention)
     if checkpointing:  # a pack shares one forward: checkpointing is on for all if any trial asks for it
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     oom = None

@@ -2,9 +2,9 @@
 examples, so a step computes about its real tokens instead of K * b rows padded to the longest example.
 
 For every micro-batch, trial k's b examples are laid end to end in row k (positions restart at 0 at each
-example), and the K rows are right-padded to one width L (a multiple of ``WIDTH``). Attention is a 4-D
-boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token document id
-by broadcasting only (no host sync, so a CUDA graph can capture it). transformers returns a user-given
+example), and the K rows are right-padded to one width L (a multiple of ``WIDTH``). Attention (``sdpa``)
+is a 4-D boolean mask [K, 1, L, L], "same document and causal", built on the device from a per-token
+document id by broadcasting only (no host sync, so a CUDA graph can capture it). transformers returns a user-given
 4-D mask unchanged (``masking_utils._preprocess_mask_arguments``) and its SDPA integration passes it to
 ``scaled_dot_product_attention``. Padding tokens are a document of their own (id -1): they attend to
 earlier padding only, so no query row is fully masked (which would make SDPA's softmax NaN) and no real
@@ -19,15 +19,25 @@ path's up to the arithmetic of a different attention kernel and summation order.
 Why one row per trial and micro-batch (not rows of a fixed capacity, bin-packed): the trial-major stacking
 that PackedLoraLinear relies on (rows ``k*R .. (k+1)*R`` belong to trial k) stays R = 1, each micro-batch
 has one width (one graph-key entry), and there is no packing decision that could differ between runs.
-The price: attention under an explicit mask is dense O(L^2) per row (SDPA cannot skip the masked blocks,
-and the flash kernel does not take a mask), with L about b times the mean example length. For the linear
-layers the cost is the real tokens. With ``flex`` (``study.attention=flex``) the same "same document and
+The price under ``sdpa``: attention under an explicit mask is dense O(L^2) per row (SDPA cannot skip the
+masked blocks, and its flash kernel does not take a mask), with L about b times the mean example length.
+For the linear layers the cost is the real tokens. With ``flex`` (``study.attention=flex``) the same "same document and
 causal" rule is a FlexAttention BlockMask instead (``document_block_mask``): tiles (128 x 128) that no
 query may attend are never computed, so attention costs about the tiles covering each example's own
 causal triangle (for examples of a few hundred tokens, a few times those triangles, not L^2 / 2). It is
 built from the same per-token document ids by device operations only (no host sync), so it is built
 inside a captured CUDA graph like the boolean mask (still one [K, 1, L, L] boolean pass per micro-batch,
 shared by all layers; building it at tile granularity would save that too).
+
+With ``varlen`` (``study.attention=varlen``, what ``auto`` takes on a CUDA SDPA model that can train it) there
+is no mask at all: the K rows are flattened to K * L tokens and cut into segments by cumulative offsets
+(``segment_offsets``), and flash varlen attention (packed/attention.py) runs causal attention inside each
+segment, so attention costs each example's own causal triangle and the dense O(L^2) masked attention and
+its mask are gone. Each row has one segment per example and one for its padding tail (padding attends
+padding only: nothing is NaN); a trial with fewer examples than the span's most gets empty segments, so
+every micro-batch's offsets have one shape, K * (b_max + 1) + 1, as a CUDA graph's static buffer needs. The
+offsets are precomputed on the host with the tables and uploaded with them. The padding between trials'
+rows (below) stays: the rows still share one width.
 
 What padding remains: all K rows share the width of the longest, so a step computes K times its longest
 trial row, not the sum of the rows. Trials with the same data order pad at most WIDTH each; trials whose
@@ -47,6 +57,7 @@ import numpy as np
 import torch
 
 from lora_ablate.data import IGNORE, Encoded
+from lora_ablate.packed.attention import CU_SEQLENS, MAX_LEN
 
 WIDTH = 64  # packed rows round up to a multiple of this
 FINE = 512  # with graphs, widths above this round up to 1/8 of their power of two (at least WIDTH)
@@ -97,16 +108,21 @@ class _VarlenPlan:
 
     ``tables[j]`` [ga, 3, K, Ls] int32: gather index into the flat store, position id, document id (-1:
     padding) of step j's micro-batches, Ls the step's widest; ``widths[j][m]`` micro-batch m's width L.
+    ``cu_seqlens[j]`` [ga, K * (b_max + 1) + 1] int32 (``attention`` varlen only, else None): the segment
+    offsets of each micro-batch's rows flattened to K * L tokens (``segment_offsets``), b_max the most
+    examples a trial has in a micro-batch of the span, so every step's table has one shape.
     ``real[j]`` / ``computed[j]``: tokens of step j that are examples' / that the forward runs over.
     """
 
     def __init__(self, flat: _FlatData, per_micro: list[list[list[list[int]]]], graphed: bool,
-                 device: torch.device, flex: bool = False):
-        """``per_micro[j][m][k]``: the example indices of trial k in micro-batch m of step j; ``flex``:
-        the rows' mask is a BlockMask (``document_block_mask``) for transformers' flex_attention."""
-        self.flex = flex
+                 device: torch.device, attention: str = "sdpa"):
+        """``per_micro[j][m][k]``: the example indices of trial k in micro-batch m of step j; ``attention``
+        (resolved ``study.attention``): what the rows' attention reads, the boolean document mask (sdpa),
+        a BlockMask (flex, ``document_block_mask``) or segment offsets (varlen)."""
+        self.attention = attention
         self.widths, self.real, self.computed = [], [], []
-        host = []
+        most = max((len(ex) for step in per_micro for micro in step for ex in micro), default=0)
+        host, offsets = [], []
         for step in per_micro:
             lens = [[int(flat.lengths[ex].sum()) if ex else 0 for ex in micro] for micro in step]
             # >= 2: a next-token loss needs two tokens (an all-filler micro-batch still runs, as padded)
@@ -127,30 +143,60 @@ class _VarlenPlan:
                     t[m, 1, k, :total] = pos
                     t[m, 2, k, :total] = np.repeat(np.arange(len(ex)), n)
             host.append(t)
+            if attention == "varlen":
+                offsets.append(np.stack([segment_offsets([flat.lengths[ex] for ex in micro], w, most)
+                                         for micro, w in zip(step, ws)]))
             self.widths.append(ws)
             self.real.append(sum(map(sum, lens)))
             self.computed.append(K * sum(ws))
+        host += offsets
         sizes = [t.size for t in host]
         whole = torch.from_numpy(np.concatenate([t.reshape(-1) for t in host])).to(device)  # one upload
-        self.tables = [v.view(t.shape) for v, t in zip(whole.split(sizes), host)]
+        views = [v.view(t.shape) for v, t in zip(whole.split(sizes), host)]
+        self.tables = views[:len(per_micro)]
+        self.cu_seqlens = views[len(per_micro):] or None
         self.flat = flat
 
-    def static(self) -> torch.Tensor:
-        """A buffer every step's table fits in, for graph replays."""
+    def rows(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``batch`` reads of step j: its tables and segment offsets (None unless varlen)."""
+        return self.tables[j], None if self.cu_seqlens is None else self.cu_seqlens[j]
+
+    def static(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Buffers every step's ``rows`` fit in, for graph replays."""
         ga, _, K = self.tables[0].shape[:3]
-        return torch.empty(ga, 3, K, max(t.shape[-1] for t in self.tables), dtype=torch.int32,
-                           device=self.tables[0].device)
+        table = torch.empty(ga, 3, K, max(t.shape[-1] for t in self.tables), dtype=torch.int32,
+                            device=self.tables[0].device)
+        return table, None if self.cu_seqlens is None else torch.empty_like(self.cu_seqlens[0])
 
-    def load(self, static: torch.Tensor, j: int) -> None:
-        t = self.tables[j]
-        static[..., :t.shape[-1]].copy_(t)
+    def load(self, static: tuple[torch.Tensor, torch.Tensor | None], j: int) -> None:
+        table, offsets = self.rows(j)
+        static[0][..., :table.shape[-1]].copy_(table)
+        if offsets is not None:
+            static[1].copy_(offsets)
 
-    def batch(self, table: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """ids, labels [K, L] and the model's ``attention_mask`` / ``position_ids`` of one micro-batch
-        (``table`` [3, K, >= L])."""
-        index, pos, doc = table[:, :, :width].unbind(0)
+    def batch(self, rows: tuple[torch.Tensor, torch.Tensor | None], m: int,
+              width: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """ids, labels [K, L] and the model's attention inputs and ``position_ids`` of micro-batch m of
+        ``rows`` (``rows(j)`` or the ``static`` buffers), L = ``width``."""
+        table, offsets = rows
+        index, pos, doc = table[m, :, :, :width].unbind(0)
         flat_index = index.reshape(-1)
         ids = self.flat.ids.index_select(0, flat_index).view(index.shape)
         labels = self.flat.labels.index_select(0, flat_index).view(index.shape)
-        mask = document_block_mask(doc) if self.flex else document_mask(doc)
-        return ids, labels, {"attention_mask": mask, "position_ids": pos.long()}
+        if self.attention == "varlen":  # every segment fits in a row: the row width bounds them all
+            extra = {CU_SEQLENS: offsets[m], MAX_LEN: width}
+        else:
+            extra = {"attention_mask": document_block_mask(doc) if self.attention == "flex" else document_mask(doc)}
+        return ids, labels, {**extra, "position_ids": pos.long()}
+
+
+def segment_offsets(lengths: list[np.ndarray], width: int, most: int) -> np.ndarray:
+    """cu_seqlens [K * (most + 1) + 1] of K rows of width ``width`` flattened end to end, ``lengths[k]`` the
+    lengths of row k's examples: per row a segment per example, ``most - len(lengths[k])`` empty ones, then
+    the row's padding tail (padding attends padding only, so no query is left with nothing to attend)."""
+    ends = []
+    for k, n in enumerate(lengths):
+        inner = np.cumsum(n, dtype=np.int64)
+        filled = int(inner[-1]) if len(inner) else 0
+        ends.append(k * width + np.concatenate([inner, np.full(most - len(n), filled), [width]]))
+    return np.concatenate([[0], *ends]).astype(np.int32)
