@@ -50,9 +50,13 @@ def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict
             with pack.selected(group), _causal_attention(model) if fast else contextlib.nullcontext():
                 for s in evaluator.sets:
                     enc = evaluator.encoded[s.name]
-                    per_ex, counts = [[] for _ in group], [[] for _ in group]
+                    per_ex, counts = [[0.0] * len(enc) for _ in group], [[0] * len(enc) for _ in group]
+                    # on a GPU longest first, so a batch pads little (a row's NLL is its own: right padding,
+                    # causal attention); on a CPU in file order, the single path's batches to the bit
+                    order = sorted(range(len(enc)), key=lambda i: -len(enc.input_ids[i])) if fast \
+                        else list(range(len(enc)))
                     for start in range(0, len(enc), evaluator.cfg.batch_size):
-                        idx = list(range(start, min(start + evaluator.cfg.batch_size, len(enc))))
+                        idx = order[start:start + evaluator.cfg.batch_size]
                         b = enc.batch(idx, pad, device)
                         ids, labels = b["input_ids"].repeat(g, 1), b["labels"].repeat(g, 1)
                         if fast:
@@ -65,8 +69,8 @@ def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict
                         ex = (tok.sum(1) / mask.sum(1).clamp(min=1)).view(g, -1).tolist()
                         n = mask.sum(1).view(g, -1).tolist()
                         for k in range(g):
-                            per_ex[k] += ex[k]
-                            counts[k] += n[k]
+                            for j, i in enumerate(idx):
+                                per_ex[k][i], counts[k][i] = ex[k][j], n[k][j]
                         evaluator.tick(f"{s.name} NLL")
                     for k in range(g):
                         total = sum(a * c for a, c in zip(per_ex[k], counts[k])) / max(1, sum(counts[k]))
