@@ -33,6 +33,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from lora_ablate.attention_impl import implementation, register
 from lora_ablate.targets import plain_decoding
 
 CHECK_EVERY = 4  # tokens between asking the host whether every row has stopped
@@ -40,7 +41,7 @@ CHECK_EVERY = 4  # tokens between asking the host whether every row has stopped
 # cost is mostly per token on the host, whatever its rows, so the fewer and wider the calls the better.
 CACHE_SHARE = 0.4
 MAX_ROWS = 16384  # rows of one call at most, whatever the memory: the prompt's forward grows with them
-_IMPL = "lora_ablate_decode"  # an attention name the mask registry does not know: no mask is built for it
+_IMPL = "lora_ablate_decode"  # lora_ablate/attention_impl.py: no mask is built for it
 _MASK = "lora_ablate_padding"  # the keyword the padding mask travels under, to _decode_attention
 
 # generation settings that change a greedy token (their neutral value); any other value: HF generate decodes
@@ -108,7 +109,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pa
     position = positions[:, -1:] + 1
     live = torch.ones(B, dtype=torch.bool, device=ids.device)
     new, going = [], []  # the tokens, and whether any row was still going after each
-    with _decoding(model), _no_cudnn_attention(ids.device):
+    with implementation(model, _IMPL), _no_cudnn_attention(ids.device):
         for t in range(max_new_tokens):
             if eos_id is not None:
                 token = torch.where(live, token, pad_id)
@@ -182,17 +183,6 @@ def grouped_attention(query, key, value, mask, scaling) -> torch.Tensor:
     return out.reshape(B, H, 1, D).transpose(1, 2)
 
 
-@contextlib.contextmanager
-def _decoding(model):
-    cfg = model.config
-    impl = cfg._attn_implementation
-    cfg._attn_implementation = _IMPL
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = impl
-
-
 def _no_cudnn_attention(device: torch.device) -> contextlib.AbstractContextManager:
     """SDPA without its cuDNN backend while tokens are decoded: the cache grows by one position a token, and
     cuDNN plans every new shape on the host (2 ms a call, 60 ms a token over 30 layers, profiled on an H200),
@@ -206,15 +196,7 @@ def _no_cudnn_attention(device: torch.device) -> contextlib.AbstractContextManag
 
 @functools.cache  # once per process
 def _register() -> bool:
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:
-        return False
-    if _IMPL in ALL_MASK_ATTENTION_FUNCTIONS:
-        return False
-    AttentionInterface.register(_IMPL, _decode_attention)
-    return True
+    return register(_IMPL, _decode_attention)
 
 
 def _plain_config(gen) -> bool:

@@ -22,6 +22,7 @@ import inspect
 
 import torch
 
+from lora_ablate.attention_impl import implementation, register
 from lora_ablate.config import ATTENTIONS
 from lora_ablate.errors import UserError, choices
 
@@ -42,30 +43,13 @@ _DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob") 
 _NEEDS = {"flex": "FlexAttention", "varlen": "flash varlen attention"}  # the choices that have requirements
 
 
-@contextlib.contextmanager
-def _implementation(model: torch.nn.Module, impl: str):
-    """The model's attention implementation is ``impl`` inside, and what it was after, so evaluation and
-    generation keep SDPA."""
-    cfg = model.config
-    before = cfg._attn_implementation
-    cfg._attn_implementation = impl
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = before
-
-
 def _causal_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Route training forwards to SDPA with ``is_causal`` and no mask at all.
-
-    An attention implementation name that transformers' mask registry does not know makes
-    ``create_causal_mask`` return None without looking at the inputs (its contract for external attention
-    backends), so no mask is built and nothing is read back to the host; SDPA then takes its causal
-    (flash) kernel. Only for SDPA models; anything else keeps its own path.
-    """
+    """Route training forwards to SDPA with ``is_causal`` and no mask at all (lora_ablate/attention_impl.py:
+    under a name the mask registry does not know, no mask is built), so SDPA takes its causal (flash)
+    kernel. Only for SDPA models; anything else keeps its own path."""
     if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" or not _register_causal():
         return contextlib.nullcontext()
-    return _implementation(model, _CAUSAL_IMPL)
+    return implementation(model, _CAUSAL_IMPL)
 
 
 def packed_attention(model: torch.nn.Module, attention: str) -> contextlib.AbstractContextManager:
@@ -75,23 +59,10 @@ def packed_attention(model: torch.nn.Module, attention: str) -> contextlib.Abstr
     name the mask registry does not know, so no mask is built (as for ``_causal_attention``). sdpa: the
     model's own SDPA under the boolean mask given."""
     if attention == "flex":
-        return _implementation(model, _FLEX_IMPL)
+        return implementation(model, _FLEX_IMPL)
     if attention == "varlen" and _register_varlen():
-        return _implementation(model, _VARLEN_IMPL)
+        return implementation(model, _VARLEN_IMPL)
     return contextlib.nullcontext()
-
-
-def _register(name: str, forward) -> bool:
-    """``forward`` as transformers' attention implementation ``name``; False where that is impossible."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:
-        return False
-    if name in ALL_MASK_ATTENTION_FUNCTIONS:  # then masks would be built after all
-        return False
-    AttentionInterface.register(name, forward)
-    return True
 
 
 @functools.cache  # once per process: every training step asks
@@ -100,12 +71,12 @@ def _register_causal() -> bool:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError:
         return False
-    return _register(_CAUSAL_IMPL, sdpa_attention_forward)
+    return register(_CAUSAL_IMPL, sdpa_attention_forward)
 
 
 @functools.cache
 def _register_varlen() -> bool:
-    return _register(_VARLEN_IMPL, _varlen_forward)
+    return register(_VARLEN_IMPL, _varlen_forward)
 
 
 def varlen_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
