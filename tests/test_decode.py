@@ -161,3 +161,36 @@ def test_the_default_model_on_the_gpu_decodes_as_generate_does():
         assert torch.equal(got[:, 0], want[:, 0])
         noise = differing(generated(prompts_[:32]), want[:32]) + differing(generated(prompts_[32:]), want[32:])
         assert differing(got, want) <= 2 * noise + 4, (differing(got, want), noise)
+
+
+def test_a_call_is_as_wide_as_the_free_memory_allows(llama, monkeypatch):
+    """rows_per_call: CACHE_SHARE of the free GPU memory over one row's cache (layers x keys and values x kv
+    heads x head dim x the dtype's bytes x the row's tokens), at most MAX_ROWS; None off a GPU. The held-out
+    prompts go in chunks of that many rows over the pack's copies, half as many when generate decodes (its
+    cache is concatenated anew at each token)."""
+    from lora_ablate import decode
+    from lora_ablate.config import DataConfig, EvalConfig
+    from lora_ablate.data import load_eval_set
+    from lora_ablate.evaluation import Evaluator
+
+    model, tok = llama
+    cfg = model.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_token * 100 * 1000, 0))
+    assert decode.rows_per_call(model, 100, "cpu") is None
+    assert decode.rows_per_call(model, 100, "cuda") == int(1000 * decode.CACHE_SHARE)
+    assert decode.rows_per_call(model, 1, "cuda") == decode.MAX_ROWS
+
+    ev = Evaluator([load_eval_set("heldout_instances", 30, 0)], tok, DataConfig(max_length=112),
+                   EvalConfig(sets=("heldout_instances",), size=30, max_new_tokens=4, batch_size=3))
+    longest = max(map(len, ev.prompts["heldout_instances"])) + 4
+    monkeypatch.setattr("lora_ablate.evaluation.rows_per_call",
+                        lambda m, length, device: 40 if length == longest and str(device) == "cuda" else None)
+    sizes = lambda copies: [len(c) for c in ev.generation_chunks("heldout_instances", "cuda", model, copies)]  # noqa: E731
+    assert sizes(1) == [30] and sizes(4) == [10, 10, 10] and sizes(20) == [3] * 10  # never below eval.batch_size
+    assert [len(c) for c in ev.generation_chunks("heldout_instances", "cpu", model, 4)] == [3] * 10
+    chunks = ev.generation_chunks("heldout_instances", "cuda", model, 4)
+    lengths = [len(ev.prompts["heldout_instances"][i]) for c in chunks for i in c]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
+    monkeypatch.setattr("lora_ablate.evaluation.fast_decoding", lambda m, length: False)
+    assert sizes(4) == [5] * 6

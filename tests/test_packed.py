@@ -168,6 +168,24 @@ def test_fused_head_loss_matches_single_path(base, padded, evaluator, references
         assert_same_trial(references[got.spec.name], got)
 
 
+def test_the_gpus_held_out_nll_path_gives_the_single_paths_nll(base, padded, evaluator, references, monkeypatch):
+    """packed_nll's GPU path run on the CPU (causal attention with no padding mask, the NLL from the final states
+    in chunks, longest examples first, groups of GENERATE_ROWS times a step's rows): every trial's held-out NLL,
+    intermediate and final, and every example's NLL and token count in file order are the single path's."""
+    from lora_ablate.packed import heldout
+
+    monkeypatch.setattr(heldout, "_chunked", lambda pack: pack.head is not None)
+    seen = []
+    real = heldout.head_token_nll
+    monkeypatch.setattr(heldout, "head_token_nll", lambda *a: seen.append(1) or real(*a))
+    for got in train_packed(base, MIXED, padded, evaluator, progress=False, fused_head=True):
+        ref = references[got.spec.name]
+        assert_same_trial(ref, got)
+        for a, b in zip(ref.final.examples, got.final.examples):
+            assert (a["set"], a["idx"]) == (b["set"], b["idx"]) and close(a["nll"], b["nll"], REL)
+    assert seen, "the chunked path should have run"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_token_nll_is_token_nll_of_the_full_logits(monkeypatch, dtype):
     """The GPU's held-out NLL (packed_nll from the final states in chunks) against token_nll of the whole
