@@ -1,9 +1,11 @@
 """Greedy decoding for held-out generation, without HF ``generate``'s per-token costs.
 
-What ``model.generate(do_sample=False)`` spends a token on, for a few thousand rows of a 135M model (profiled
-on an H200): its dynamic cache concatenates every layer's keys and values anew at each token, GQA repeats
-the kv heads of the whole cache for SDPA's masked kernel, and every token asks the host whether all rows are
-done. Here instead:
+Profiled on an H200 (docs/benchmarks.md): held-out ``model.generate(do_sample=False)`` in a study spent its
+time in the host side of one SDPA call a layer, and a first version of this loop, 76-126 ms a token whatever
+the number of rows, showed why: SDPA's cuDNN backend plans every new key length anew (2 ms a call). Besides
+that, generate's dynamic cache concatenates every layer's keys and values anew at each token, GQA repeats the
+kv heads of the whole cache for the masked kernel, and every token asks the host whether all rows are done.
+Here instead:
 
 - the prompt goes through the model once as ``generate`` does (same call, same 2-D mask, same positions),
   and its keys and values are copied into a cache allocated for the prompt plus every new token, which
@@ -49,7 +51,9 @@ _NEUTRAL = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (No
             "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
             "min_new_tokens": (None, 0), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
             "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
-            "exponential_decay_length_penalty": (None,), "stop_strings": (None,), "watermarking_config": (None,)}
+            "exponential_decay_length_penalty": (None,), "stop_strings": (None,), "watermarking_config": (None,),
+            "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None,),
+            "guidance_scale": (None, 1.0), "prompt_lookup_num_tokens": (None,)}
 
 
 def new_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad_id: int,
