@@ -23,6 +23,7 @@ decode attention runs other kernels); the count of differing predictions is repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -53,16 +54,15 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-@dataclasses.dataclass
-class Through:
+@contextlib.contextmanager
+def through_generate():
     """HF generate instead of lora_ablate's decoding, while the context is open."""
-
-    def __enter__(self):
-        self.fast = decode.fast_decoding
-        decode.fast_decoding = lambda *args: False
-
-    def __exit__(self, *exc):
-        decode.fast_decoding = self.fast
+    fast = decode.fast_decoding
+    decode.fast_decoding = lambda *args: False
+    try:
+        yield
+    finally:
+        decode.fast_decoding = fast
 
 
 def experiment(args):
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         """The pack's final evaluation, timed three ways (see the module docstring); returns the first."""
         fast, rows["packed_fast_s"] = timed(real, pack, ev, slots)
         _, rows["packed_nll_s"] = timed(packed_nll, pack, ev, slots)
-        with Through():
+        with through_generate():
             slow, rows["packed_generate_s"] = timed(real, pack, ev, slots)
         a, b = predictions(fast), predictions(slow)
         pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb) if x is not None]
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(ctx.base.model, str(results[0].adapter_dir))
-    with Through():
+    with through_generate():
         _, rows["usual_one_trial_s"] = timed(evaluator.run, model, ctx.base.device)
     _, rows["fast_one_trial_s"] = timed(evaluator.run, model, ctx.base.device)
     ctx.base.model = model.unload()

@@ -194,7 +194,7 @@ def test_head_token_nll_is_token_nll_of_the_full_logits(monkeypatch, dtype):
     from lora_ablate.evaluation import token_nll
     from lora_ablate.packed import loss
 
-    monkeypatch.setattr(loss, "CHUNK_BYTES", 1)  # 256-row chunks: 3 x 149 shifted rows make 2
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 1)  # one row a chunk: 3 chunks
     g = torch.Generator().manual_seed(1)
     h = torch.randn(3, 150, 16, generator=g).to(dtype)
     weight = torch.randn(50, 16, generator=g).to(dtype)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from lora_ablate.data import IGNORE
 
@@ -101,15 +100,10 @@ def head_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, c
 @torch.no_grad()
 def head_token_nll(hidden: torch.Tensor, weight: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``evaluation.token_nll`` of the logits ``hidden @ weight.T`` without ever holding them all: per-token
-    NLL [B, T - 1] (0 where masked) and the mask, each chunk's logits upcast to fp32 as token_nll's are."""
-    B, T, d = hidden.shape
-    h = hidden[:, :-1].reshape(-1, d)
-    target = labels[:, 1:].reshape(-1)
-    nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    rows = chunk_rows(weight.shape[0])
-    for s in range(0, h.shape[0], rows):
-        logits = (h[s:s + rows] @ weight.t()).float()
-        nll[s:s + rows] = F.cross_entropy(logits, target[s:s + rows].clamp(min=0), reduction="none")
-    mask = (target != IGNORE).view(B, T - 1)
-    return nll.view(B, T - 1) * mask, mask
+    """``token_nll`` of the logits ``hidden @ weight.T`` [B, T, d] x [V, d], a few rows at a time so the
+    batch's fp32 logits are never all held at once."""
+    from lora_ablate.evaluation import token_nll
+
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[0] * hidden.shape[1]))
+    parts = [token_nll(h @ weight.t(), y) for h, y in zip(hidden.split(rows), labels.split(rows))]
+    return torch.cat([nll for nll, _ in parts]), torch.cat([mask for _, mask in parts])
