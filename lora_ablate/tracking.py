@@ -194,12 +194,13 @@ class MlflowTracker(Tracker):
                 logging.getLogger(name).setLevel(logging.WARNING)
             from mlflow import MlflowClient
 
-            if self.uri.startswith("sqlite:///"):
-                db = Path(self.uri[len("sqlite:///"):])
-                db.parent.mkdir(parents=True, exist_ok=True)
-                if self.artifacts is not None and db.parent.resolve() == self.artifacts.parent.resolve():
-                    relocate(db, self.artifacts)  # the workspace's own store: it moves with the workspace
-            with creation_lock(self.uri):  # opening a database store creates (or migrates) its schema
+            # opening a database store creates (or migrates) its schema; relocating reads that schema, so
+            # it waits for the process creating it too
+            with creation_lock(self.uri):
+                if self.uri.startswith("sqlite:///"):
+                    db = Path(self.uri[len("sqlite:///"):])
+                    if self.artifacts is not None and db.parent.resolve() == self.artifacts.parent.resolve():
+                        relocate(db, self.artifacts)  # the workspace's own store: it moves with the workspace
                 self._client = retry_race(lambda: MlflowClient(tracking_uri=db_url(self.uri)))
         return self._client
 

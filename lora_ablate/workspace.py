@@ -149,6 +149,8 @@ def relocate(db: Path, root: Path) -> int:
     new_root = root.resolve().as_uri()
     con = sqlite3.connect(db, timeout=60)
     try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
+            return 0  # a store whose schema MLflow has not created yet holds nothing to move
         moved = []
         for exp_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
             head, _, leaf = str(location or "").rstrip("/").rpartition("/")

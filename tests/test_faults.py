@@ -18,7 +18,7 @@ import sqlalchemy.exc
 from mlflow import MlflowClient
 
 from lora_ablate.cli import main
-from lora_ablate.workspace import mlflow_uri
+from lora_ablate.workspace import mlflow_uri, relocate
 
 HERE = Path(__file__).resolve().parent
 STUDY = "three-tiny-llama"
@@ -171,6 +171,18 @@ def test_a_copied_workspace_resumes_into_itself(tmp_path, space):
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"adapter", "config.yaml", "scores.jsonl"}
     shutil.rmtree(ws)  # the export reads the copy alone
     assert main(["export", "--workspace", str(copy), "--study", STUDY, "--out", str(tmp_path / "out")]) == 0
+
+
+def test_a_store_another_process_has_only_just_created_is_not_relocated(tmp_path):
+    """A second worker on a fresh workspace can open the database file before the first has created MLflow's
+    tables in it: relocating reads nothing and writes nothing then, instead of failing on the missing table."""
+    import sqlite3
+
+    db = tmp_path / "ws" / "mlflow.db"
+    db.parent.mkdir()
+    sqlite3.connect(db).close()
+    assert relocate(db, tmp_path / "ws" / "artifacts") == 0
+    assert db.stat().st_size == 0
 
 
 def test_a_read_only_store_is_one_line_and_leaves_the_study_resumable(tmp_path, space, capsys):
