@@ -16,6 +16,8 @@ from lora_ablate.data import IGNORE, EvalSet, encode_all, prompt_ids
 from lora_ablate.decode import fast_decoding, new_tokens, rows_per_call
 
 GEN_METRICS = ("exact_match", "rouge_l")
+
+
 @dataclass
 class EvalReport:
     """``metrics[set][name]`` (nll, ppl, n, and exact_match/rouge_l when generating) and one row per example."""

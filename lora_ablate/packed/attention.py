@@ -43,7 +43,7 @@ _DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob") 
 _NEEDS = {"flex": "FlexAttention", "varlen": "flash varlen attention"}  # the choices that have requirements
 
 
-def _causal_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+def causal_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Route training forwards to SDPA with ``is_causal`` and no mask at all (lora_ablate/attention_impl.py:
     under a name the mask registry does not know, no mask is built), so SDPA takes its causal (flash)
     kernel. Only for SDPA models; anything else keeps its own path."""
@@ -56,7 +56,7 @@ def packed_attention(model: torch.nn.Module, attention: str) -> contextlib.Abstr
     """Route the training forwards of sequence-packed rows under ``attention`` (resolved: sdpa, flex or
     varlen). flex: transformers' flex_attention, which reads the BlockMask given as the 4-D
     ``attention_mask`` (``masking_utils`` returns 4-D masks unchanged). varlen: ``_varlen_forward``, under a
-    name the mask registry does not know, so no mask is built (as for ``_causal_attention``). sdpa: the
+    name the mask registry does not know, so no mask is built (as for ``causal_attention``). sdpa: the
     model's own SDPA under the boolean mask given."""
     if attention == "flex":
         return implementation(model, _FLEX_IMPL)

@@ -9,7 +9,7 @@ import torch
 
 from lora_ablate.decode import new_tokens
 from lora_ablate.evaluation import EvalReport, Evaluator, answer, left_padded, token_nll
-from lora_ablate.packed.attention import _causal_attention
+from lora_ablate.packed.attention import causal_attention
 from lora_ablate.packed.loss import head_token_nll
 from lora_ablate.packed.pack import Pack
 from lora_ablate.packed.slot import Slot
@@ -47,7 +47,7 @@ def packed_nll(pack: Pack, evaluator: Evaluator, slots: list[Slot]) -> list[dict
     try:
         for group in _nll_groups(pack, slots, evaluator.cfg.batch_size):
             g, res = len(group), [dict() for _ in group]
-            with pack.selected(group), _causal_attention(model) if fast else contextlib.nullcontext():
+            with pack.selected(group), causal_attention(model) if fast else contextlib.nullcontext():
                 for s in evaluator.sets:
                     enc = evaluator.encoded[s.name]
                     per_ex, counts = [[0.0] * len(enc) for _ in group], [[0] * len(enc) for _ in group]

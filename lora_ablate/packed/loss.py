@@ -19,6 +19,7 @@ import logging
 import torch
 
 from lora_ablate.data import IGNORE
+from lora_ablate.evaluation import token_nll
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def head_token_nll(hidden: torch.Tensor, weight: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_nll`` of the logits ``hidden @ weight.T`` [B, T, d] x [V, d], a few rows at a time so the
     batch's fp32 logits are never all held at once."""
-    from lora_ablate.evaluation import token_nll
-
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[0] * hidden.shape[1]))
     parts = [token_nll(h @ weight.t(), y) for h, y in zip(hidden.split(rows), labels.split(rows))]
     return torch.cat([nll for nll, _ in parts]), torch.cat([mask for _, mask in parts])

@@ -12,7 +12,7 @@ import torch
 
 from lora_ablate.errors import first_line
 from lora_ablate.evaluation import token_nll
-from lora_ablate.packed.attention import _causal_attention, packed_attention
+from lora_ablate.packed.attention import causal_attention, packed_attention
 from lora_ablate.packed.graphs import MIN_SPAN, bucket_widths
 from lora_ablate.packed.loss import head_nll
 from lora_ablate.packed.optim import (
@@ -152,7 +152,7 @@ class Steps:
         Packed rows bring their own: a boolean document mask for the model's SDPA, a BlockMask that only
         transformers' flex_attention reads, or the segment offsets of flash varlen attention."""
         if self.varlen is None:
-            return _causal_attention(self.pack.model)
+            return causal_attention(self.pack.model)
         return packed_attention(self.pack.model, self.varlen.attention)
 
     def _nll(self, ids: torch.Tensor, labels: torch.Tensor, **extra) -> torch.Tensor:
